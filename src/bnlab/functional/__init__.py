@@ -1,0 +1,25 @@
+"""Pure math: functions that take tensors and return tensors, mutating nothing."""
+
+from bnlab.functional.batch_norm import (
+    CONVENTIONS,
+    DEFAULT_MOMENTUM,
+    BatchNormResult,
+    Convention,
+    batch_norm,
+    get_convention,
+    register_train_kernel,
+)
+from bnlab.functional.core import apply_scale_shift, moments, scale_shift
+
+__all__ = [
+    "CONVENTIONS",
+    "DEFAULT_MOMENTUM",
+    "BatchNormResult",
+    "Convention",
+    "apply_scale_shift",
+    "batch_norm",
+    "get_convention",
+    "moments",
+    "register_train_kernel",
+    "scale_shift",
+]

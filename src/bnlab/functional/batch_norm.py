@@ -1,0 +1,216 @@
+"""Batch normalization as a pure function (Ioffe & Szegedy, 2015, arXiv:1502.03167).
+
+Training (batch statistics over every axis but the channel axis 1):
+
+    μ_B = mean(x),  σ²_B = mean((x - μ_B)²)            (biased, as the paper and the chapter)
+    y   = γ · (x - μ_B) / sqrt(σ²_B + ε) + β
+
+Prediction: the same with the running estimates (μ̂, σ̂²) in place of (μ_B, σ²_B).
+
+Running-statistic update, with w the weight on the new batch:
+
+    μ̂ ← (1 - w) · μ̂ + w · μ_B
+    σ̂² ← (1 - w) · σ̂² + w · s²,   s² = σ²_B · n/(n-1) if the convention is unbiased, else σ²_B
+
+    convention  w               default momentum  running variance
+    "torch"     momentum        0.1               unbiased (PyTorch)
+    "d2l"       1 - momentum    0.9               biased   (the chapter's from-scratch code)
+    "mxnet"     1 - momentum    0.9               biased
+    "keras"     1 - momentum    0.99              biased
+    "flax"      1 - momentum    0.99              biased
+    any         1 / (k + 1)     momentum=None     cumulative average of the k+1 batches seen
+
+The fully-connected case (N, C) reduces over N; the convolutional case (N, C, *spatial) over N
+and every spatial axis, i.e. per channel over N·H·W. Nothing passed in is mutated: the new running
+statistics are returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from bnlab.functional.checks import (
+    check_dtype_device,
+    check_enough_values,
+    check_eps,
+    check_input,
+    check_momentum,
+    check_per_channel,
+)
+from bnlab.functional.core import accumulation_dtype, apply_scale_shift, moments, scale_shift
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How a framework defines momentum and the running variance."""
+
+    name: str
+    momentum_is_decay: bool  # True: momentum weights the *old* value (MXNet, Keras, Flax, d2l)
+    unbiased_running_var: bool  # True: n/(n-1) correction before averaging (PyTorch)
+    default_momentum: float
+
+    def new_batch_weight(self, momentum: float | None, batches_seen: int) -> float:
+        """The weight w on the new batch's statistics (see the module docstring)."""
+        if momentum is None:
+            return 1.0 / (batches_seen + 1)
+        return 1.0 - momentum if self.momentum_is_decay else momentum
+
+
+CONVENTIONS: Final[dict[str, Convention]] = {
+    c.name: c
+    for c in (
+        Convention(
+            "torch", momentum_is_decay=False, unbiased_running_var=True, default_momentum=0.1
+        ),
+        Convention("d2l", momentum_is_decay=True, unbiased_running_var=False, default_momentum=0.9),
+        Convention(
+            "mxnet", momentum_is_decay=True, unbiased_running_var=False, default_momentum=0.9
+        ),
+        Convention(
+            "keras", momentum_is_decay=True, unbiased_running_var=False, default_momentum=0.99
+        ),
+        Convention(
+            "flax", momentum_is_decay=True, unbiased_running_var=False, default_momentum=0.99
+        ),
+    )
+}
+
+
+class _Default(Enum):
+    """Sentinel: 'use the convention's default momentum' (None already means cumulative)."""
+
+    MOMENTUM = "default"
+
+
+DEFAULT_MOMENTUM: Final = _Default.MOMENTUM
+MomentumArg = float | None | Literal[_Default.MOMENTUM]
+
+
+def get_convention(convention: str | Convention) -> Convention:
+    if isinstance(convention, Convention):
+        return convention
+    try:
+        return CONVENTIONS[convention]
+    except KeyError:
+        raise ValueError(
+            f"convention: expected one of {sorted(CONVENTIONS)}, got {convention!r}."
+        ) from None
+
+
+def resolve_momentum(momentum: MomentumArg, convention: Convention) -> float | None:
+    value = convention.default_momentum if momentum is DEFAULT_MOMENTUM else momentum
+    check_momentum(value)
+    return value
+
+
+class BatchNormResult(NamedTuple):
+    y: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+
+
+# A training-mode kernel: (x, weight, bias, eps) -> (y, batch mean, biased batch var).
+# The statistics it returns are used only for the running update and must be detached.
+TrainKernel = Callable[[Tensor, Tensor | None, Tensor | None, float], tuple[Tensor, Tensor, Tensor]]
+
+
+def reference_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The readable path: statistics, then one scale/shift; gradients come from autograd."""
+    dims = [0, *range(2, x.ndim)]  # every axis but the channels
+    mean, var = moments(x, dims)  # (C,), (C,)
+    scale, shift = scale_shift(mean, var, eps, weight, bias)
+    return apply_scale_shift(x, scale, shift), mean.detach(), var.detach()
+
+
+TRAIN_KERNELS: dict[str, TrainKernel] = {"reference": reference_train}
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
+    training: bool,
+    momentum: MomentumArg = DEFAULT_MOMENTUM,
+    eps: float = 1e-5,
+    convention: str | Convention = "torch",
+    num_batches_tracked: int = 0,
+    impl: str = "reference",
+) -> BatchNormResult:
+    """Normalize ``x`` (N, C, *spatial) per channel; return ``(y, new_mean, new_var)``.
+
+    Args:
+        x: input with channels on axis 1, rank >= 2, any float dtype; float16/bfloat16 are
+            computed in float32 and returned in their own dtype; memory format is kept.
+        weight, bias: γ and β of shape (C,), or None for no affine transform.
+        running_mean, running_var: running estimates (C,), or both None to always use batch
+            statistics (PyTorch's ``track_running_stats=False``).
+        training: batch statistics (and an updated running estimate) if True; running
+            statistics if False.
+        momentum: in the meaning of ``convention`` (module docstring); None for a cumulative
+            average over ``num_batches_tracked + 1`` batches; by default the convention's own.
+        eps: added to the variance before the square root.
+        convention: "torch" (default), "d2l", "mxnet", "keras", "flax" or a ``Convention``.
+        num_batches_tracked: batches already averaged in (used only when momentum is None).
+        impl: training kernel, "reference" (readable, autograd) or another registered one.
+    """
+    check_input(x)
+    num_channels = x.shape[1]
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        check_per_channel(t, name, num_channels)
+        check_dtype_device(x, t, name)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var: expected both tensors or both None, got "
+            f"running_mean={'None' if running_mean is None else 'tensor'}, "
+            f"running_var={'None' if running_var is None else 'tensor'}."
+        )
+    check_eps(eps)
+    conv = get_convention(convention)
+    m = resolve_momentum(momentum, conv)
+    tracking = running_mean is not None and running_var is not None
+
+    if tracking and not training:
+        assert running_mean is not None and running_var is not None  # for the type checker
+        acc = accumulation_dtype(x.dtype)
+        scale, shift = scale_shift(running_mean.to(acc), running_var.to(acc), eps, weight, bias)
+        return BatchNormResult(apply_scale_shift(x, scale, shift), running_mean, running_var)
+
+    count = x.numel() // num_channels
+    check_enough_values(x, count, "N" if x.ndim == 2 else "N and the spatial axes")
+    try:
+        kernel = TRAIN_KERNELS[impl]
+    except KeyError:
+        raise ValueError(f"impl: expected one of {sorted(TRAIN_KERNELS)}, got {impl!r}.") from None
+    y, mean, var = kernel(x, weight, bias, eps)
+    if not (tracking and training):
+        return BatchNormResult(y, running_mean, running_var)
+
+    assert running_mean is not None and running_var is not None
+    w = conv.new_batch_weight(m, num_batches_tracked)
+    with torch.no_grad():
+        if conv.unbiased_running_var:
+            var = var * (count / (count - 1))
+        new_mean = (w * mean + (1.0 - w) * running_mean).to(running_mean.dtype)
+        new_var = (w * var + (1.0 - w) * running_var).to(running_var.dtype)
+    return BatchNormResult(y, new_mean, new_var)
+
+
+def register_train_kernel(name: str, kernel: TrainKernel) -> None:
+    """Make ``impl=name`` available to :func:`batch_norm` (used by the fast path)."""
+    TRAIN_KERNELS[name] = kernel

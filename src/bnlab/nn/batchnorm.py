@@ -1,0 +1,238 @@
+"""The BatchNorm layer: bookkeeping only. The math is :func:`bnlab.functional.batch_norm`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+from bnlab.functional.batch_norm import (
+    DEFAULT_MOMENTUM,
+    MomentumArg,
+    batch_norm,
+    get_convention,
+    resolve_momentum,
+)
+from bnlab.functional.checks import check_eps, check_input
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization over axis 1 for inputs of any rank >= 2 (see
+    :func:`bnlab.functional.batch_norm` for the formulas and conventions).
+
+    ``BatchNorm(num_features=None)`` infers C from the first input, like the chapter's
+    built-in layer and ``torch.nn.LazyBatchNorm2d``; ``BatchNorm(C, num_dims)`` is the textbook
+    signature, where ``num_dims`` (2 or 4, or any rank) checks the input's rank.
+
+    The state dict (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) loads into ``torch.nn.BatchNorm1d/2d/3d`` and back.
+
+    ``skip_nonfinite=True`` keeps a batch whose statistics are NaN/Inf out of the running
+    estimates (with one warning per layer); the default, as PyTorch, updates regardless.
+    """
+
+    _version = 2  # same state-dict version as torch's _NormBase, so both load each other's
+
+    num_features: int | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> BatchNorm:
+        # BatchNorm() / BatchNorm(None) is lazy: it becomes a plain BatchNorm after one forward.
+        num_features = args[0] if args else kwargs.get("num_features")
+        if cls is BatchNorm and num_features is None:
+            cls = LazyBatchNorm
+        return super().__new__(cls)
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return (self.num_features,)  # so copy/pickle rebuild the same (lazy or not) class
+
+    def __init__(
+        self,
+        num_features: int | None = None,
+        num_dims: int | None = None,
+        *,
+        eps: float = 1e-5,
+        momentum: MomentumArg = DEFAULT_MOMENTUM,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        convention: str = "torch",
+        skip_nonfinite: bool = False,
+        impl: str = "reference",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_features is not None and (
+            isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1
+        ):
+            raise ValueError(
+                f"num_features: expected a positive int (the channel count C) or None to infer "
+                f"it from the first input, got {num_features!r}."
+            )
+        if num_dims is not None and num_dims < 2:
+            raise ValueError(
+                f"num_dims: expected the input rank (2 for (N, C), 4 for "
+                f"(N, C, H, W)), got {num_dims}."
+            )
+        check_eps(eps)
+        self.convention = get_convention(convention).name
+        self.momentum = resolve_momentum(momentum, get_convention(convention))
+        self.num_features = num_features
+        self.num_dims = num_dims
+        self.eps = eps
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.skip_nonfinite = skip_nonfinite
+        self.impl = impl
+        self._warned_nonfinite = False
+        fk: dict[str, Any] = {"device": device, "dtype": dtype}
+        lazy = num_features is None
+
+        def per_channel() -> Tensor:  # an uninitialized placeholder until C is known
+            return UninitializedBuffer(**fk) if lazy else torch.empty(num_features or 0, **fk)
+
+        if affine:
+            self.weight = UninitializedParameter(**fk) if lazy else nn.Parameter(per_channel())
+            self.bias = UninitializedParameter(**fk) if lazy else nn.Parameter(per_channel())
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", per_channel())
+            self.register_buffer("running_var", per_channel())
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        if not lazy:
+            self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, batch count 0."""
+        if self.track_running_stats and self.num_features is not None:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0 (the chapter's initialization), and fresh running statistics."""
+        self.reset_running_stats()
+        if self.affine and self.num_features is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"convention={self.convention!r}"
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        check_input(x)
+        if self.num_dims is not None and x.ndim != self.num_dims:
+            raise ValueError(
+                f"expected a rank-{self.num_dims} input (num_dims={self.num_dims}), got shape "
+                f"{tuple(x.shape)}. Build the layer with num_dims={x.ndim} or reshape the input."
+            )
+        if self.num_features is not None and x.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels on axis 1 (num_features="
+                f"{self.num_features}), got input shape {tuple(x.shape)} with {x.shape[1]}. "
+                "Check the previous layer's output channels, or build the layer with "
+                f"num_features={x.shape[1]} (or None to infer it)."
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        update = self.training and self.track_running_stats
+        batches_seen = (
+            int(self.num_batches_tracked)
+            if (update and self.momentum is None and self.num_batches_tracked is not None)
+            else 0
+        )
+        y, new_mean, new_var = batch_norm(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            convention=self.convention,
+            num_batches_tracked=batches_seen,
+            impl=self.impl,
+        )
+        if update:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
+            assert new_mean is not None and new_var is not None
+            if self.skip_nonfinite and not bool(
+                torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+            ):
+                if not self._warned_nonfinite:
+                    warnings.warn(
+                        f"{type(self).__name__}: a batch had non-finite statistics (NaN/Inf in "
+                        "the input); the running statistics were left unchanged. This warning "
+                        "is shown once per layer.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    self._warned_nonfinite = True
+                return y
+            with torch.no_grad():
+                self.running_mean.copy_(new_mean)
+                self.running_var.copy_(new_var)
+                self.num_batches_tracked.add_(1)
+        return y
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Old (version < 2) torch checkpoints have no num_batches_tracked: start it at 0.
+        key = prefix + "num_batches_tracked"
+        if (
+            (local_metadata.get("version") or 0) < 2
+            and self.track_running_stats
+            and (key not in state_dict)
+        ):
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class LazyBatchNorm(LazyModuleMixin, BatchNorm):
+    """BatchNorm whose C is inferred from the first input; becomes a :class:`BatchNorm`."""
+
+    cls_to_become = BatchNorm
+
+    def initialize_parameters(self, x: Tensor) -> None:  # type: ignore[override]
+        if not self.has_uninitialized_params():
+            return
+        check_input(x)
+        self.num_features = int(x.shape[1])
+        with torch.no_grad():
+            for t in (self.weight, self.bias, self.running_mean, self.running_var):
+                if t is not None:
+                    t.materialize((self.num_features,))  # type: ignore[union-attr]
+            self.reset_parameters()
