@@ -234,5 +234,5 @@ class LazyBatchNorm(LazyModuleMixin, BatchNorm):
         with torch.no_grad():
             for t in (self.weight, self.bias, self.running_mean, self.running_var):
                 if t is not None:
-                    t.materialize((self.num_features,))  # type: ignore[union-attr]
+                    t.materialize((self.num_features,))  # type: ignore[attr-defined,union-attr]
             self.reset_parameters()
