@@ -145,6 +145,7 @@ def batch_norm(
     eps: float = 1e-5,
     convention: str | Convention = "torch",
     num_batches_tracked: int = 0,
+    channel_axis: int = 1,
     impl: str = "reference",
 ) -> BatchNormResult:
     """Normalize ``x`` (N, C, *spatial) per channel; return ``(y, new_mean, new_var)``.
@@ -162,9 +163,27 @@ def batch_norm(
         eps: added to the variance before the square root.
         convention: "torch" (default), "d2l", "mxnet", "keras", "flax" or a ``Convention``.
         num_batches_tracked: batches already averaged in (used only when momentum is None).
+        channel_axis: the channel axis (1 as in PyTorch; -1 for channels-last data laid out
+            as (N, H, W, C), as Keras/Flax default to).
         impl: training kernel, "reference" (readable, autograd) or another registered one.
     """
     check_input(x)
+    axis = channel_axis_index(channel_axis, x.ndim)
+    if axis != 1:  # kernels see channels on axis 1; a view, not a copy
+        y, new_mean, new_var = batch_norm(
+            x.movedim(axis, 1),
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            convention=convention,
+            num_batches_tracked=num_batches_tracked,
+            impl=impl,
+        )
+        return BatchNormResult(y.movedim(1, axis), new_mean, new_var)
     num_channels = x.shape[1]
     for name, t in (
         ("weight", weight),
@@ -209,6 +228,16 @@ def batch_norm(
         new_mean = (w * mean + (1.0 - w) * running_mean).to(running_mean.dtype)
         new_var = (w * var + (1.0 - w) * running_var).to(running_var.dtype)
     return BatchNormResult(y, new_mean, new_var)
+
+
+def channel_axis_index(channel_axis: int, ndim: int) -> int:
+    """``channel_axis`` as a non-negative index, which may not be the batch axis 0."""
+    if not -ndim <= channel_axis < ndim or channel_axis % ndim == 0:
+        raise ValueError(
+            f"channel_axis: expected an axis in 1..{ndim - 1} (or -{ndim - 1}..-1) of a "
+            f"rank-{ndim} input, got {channel_axis}. Axis 0 is the batch axis."
+        )
+    return channel_axis % ndim
 
 
 def register_train_kernel(name: str, kernel: TrainKernel) -> None:

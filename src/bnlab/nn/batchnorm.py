@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from bnlab.functional.batch_norm import (
     DEFAULT_MOMENTUM,
     MomentumArg,
     batch_norm,
+    channel_axis_index,
     get_convention,
     resolve_momentum,
 )
@@ -21,8 +22,9 @@ from bnlab.functional.checks import check_eps, check_input
 
 
 class BatchNorm(nn.Module):
-    """Batch normalization over axis 1 for inputs of any rank >= 2 (see
-    :func:`bnlab.functional.batch_norm` for the formulas and conventions).
+    """Batch normalization (Ioffe & Szegedy, 2015) over every axis but the channel axis, for
+    inputs of any rank >= 2; :func:`bnlab.functional.batch_norm` holds the formulas and the
+    momentum conventions, this class only keeps the state.
 
     ``BatchNorm(num_features=None)`` infers C from the first input, like the chapter's
     built-in layer and ``torch.nn.LazyBatchNorm2d``; ``BatchNorm(C, num_dims)`` is the textbook
@@ -31,13 +33,23 @@ class BatchNorm(nn.Module):
     The state dict (``weight``, ``bias``, ``running_mean``, ``running_var``,
     ``num_batches_tracked``) loads into ``torch.nn.BatchNorm1d/2d/3d`` and back.
 
-    ``skip_nonfinite=True`` keeps a batch whose statistics are NaN/Inf out of the running
-    estimates (with one warning per layer); the default, as PyTorch, updates regardless.
+    Options other frameworks document (docs/conventions.md maps them):
+        scale, center: learn γ / β separately (Keras ``scale``/``center``, Flax
+            ``use_scale``/``use_bias``); both default to ``affine``.
+        fixed_affine: γ and β are buffers, not parameters: kept at their values (1 and 0 unless
+            loaded or set) and never trained (the chapter's exercise 5; MXNet ``fix_gamma``).
+        use_global_stats: normalize with the running statistics in training too, and do not
+            update them (MXNet ``use_global_stats``, Flax ``use_running_average=True``).
+        axis: the channel axis (1 as PyTorch; -1 as Keras/Flax for (N, H, W, C) data).
+        skip_nonfinite: keep a batch whose statistics are NaN/Inf out of the running estimates
+            (one warning per layer); the default, as PyTorch, updates regardless.
     """
 
     _version = 2  # same state-dict version as torch's _NormBase, so both load each other's
 
     num_features: int | None
+    weight: Tensor | None
+    bias: Tensor | None
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None
@@ -62,6 +74,11 @@ class BatchNorm(nn.Module):
         affine: bool = True,
         track_running_stats: bool = True,
         convention: str = "torch",
+        scale: bool | None = None,
+        center: bool | None = None,
+        fixed_affine: bool = False,
+        use_global_stats: bool = False,
+        axis: int = 1,
         skip_nonfinite: bool = False,
         impl: str = "reference",
         device: torch.device | str | None = None,
@@ -80,14 +97,29 @@ class BatchNorm(nn.Module):
                 f"num_dims: expected the input rank (2 for (N, C), 4 for "
                 f"(N, C, H, W)), got {num_dims}."
             )
+        if axis == 0:
+            raise ValueError(
+                "axis: expected the channel axis (1, or -1 for channels-last "
+                "(N, H, W, C) data), got 0, which is the batch axis."
+            )
+        if use_global_stats and not track_running_stats:
+            raise ValueError(
+                "use_global_stats=True needs running statistics; got "
+                "track_running_stats=False. Set track_running_stats=True."
+            )
         check_eps(eps)
         self.convention = get_convention(convention).name
         self.momentum = resolve_momentum(momentum, get_convention(convention))
         self.num_features = num_features
         self.num_dims = num_dims
         self.eps = eps
-        self.affine = affine
+        self.scale = affine if scale is None else scale
+        self.center = affine if center is None else center
+        self.affine = self.scale and self.center  # torch's attribute: both γ and β exist
+        self.fixed_affine = fixed_affine
         self.track_running_stats = track_running_stats
+        self.use_global_stats = use_global_stats
+        self.axis = axis
         self.skip_nonfinite = skip_nonfinite
         self.impl = impl
         self._warned_nonfinite = False
@@ -97,12 +129,14 @@ class BatchNorm(nn.Module):
         def per_channel() -> Tensor:  # an uninitialized placeholder until C is known
             return UninitializedBuffer(**fk) if lazy else torch.empty(num_features or 0, **fk)
 
-        if affine:
-            self.weight = UninitializedParameter(**fk) if lazy else nn.Parameter(per_channel())
-            self.bias = UninitializedParameter(**fk) if lazy else nn.Parameter(per_channel())
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        for name, wanted in (("weight", self.scale), ("bias", self.center)):
+            if not wanted:
+                self.register_parameter(name, None)
+            elif fixed_affine:
+                self.register_buffer(name, per_channel())
+            else:
+                param = UninitializedParameter(**fk) if lazy else nn.Parameter(per_channel())
+                self.register_parameter(name, cast(nn.Parameter, param))
         if track_running_stats:
             self.register_buffer("running_mean", per_channel())
             self.register_buffer("running_var", per_channel())
@@ -128,35 +162,59 @@ class BatchNorm(nn.Module):
     def reset_parameters(self) -> None:
         """γ = 1, β = 0 (the chapter's initialization), and fresh running statistics."""
         self.reset_running_stats()
-        if self.affine and self.num_features is not None:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        if self.num_features is None:
+            return
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.fill_(1)
+            if self.bias is not None:
+                self.bias.zero_()
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"convention={self.convention!r}"
+        extras = [
+            f"{k}={v!r}"
+            for k, v, default in (
+                ("scale", self.scale, True),
+                ("center", self.center, True),
+                ("fixed_affine", self.fixed_affine, False),
+                ("use_global_stats", self.use_global_stats, False),
+                ("axis", self.axis, 1),
+                ("skip_nonfinite", self.skip_nonfinite, False),
+                ("impl", self.impl, "reference"),
+            )
+            if v != default and not (k in ("scale", "center") and self.scale == self.center)
+        ]
+        return ", ".join(
+            [
+                f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"convention={self.convention!r}",
+                *extras,
+            ]
         )
 
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input(self, x: Tensor) -> int:
+        """Validate ``x`` and return its channel axis as a non-negative index."""
         check_input(x)
         if self.num_dims is not None and x.ndim != self.num_dims:
             raise ValueError(
                 f"expected a rank-{self.num_dims} input (num_dims={self.num_dims}), got shape "
                 f"{tuple(x.shape)}. Build the layer with num_dims={x.ndim} or reshape the input."
             )
-        if self.num_features is not None and x.shape[1] != self.num_features:
+        axis = channel_axis_index(self.axis, x.ndim)
+        if self.num_features is not None and x.shape[axis] != self.num_features:
             raise ValueError(
-                f"expected {self.num_features} channels on axis 1 (num_features="
-                f"{self.num_features}), got input shape {tuple(x.shape)} with {x.shape[1]}. "
+                f"expected {self.num_features} channels on axis {self.axis} (num_features="
+                f"{self.num_features}), got input shape {tuple(x.shape)} with {x.shape[axis]}. "
                 "Check the previous layer's output channels, or build the layer with "
-                f"num_features={x.shape[1]} (or None to infer it)."
+                f"num_features={x.shape[axis]} (or None to infer it)."
             )
+        return axis
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        update = self.training and self.track_running_stats
+        axis = self._check_input(x)
+        batch_stats = self.training and not self.use_global_stats
+        update = batch_stats and self.track_running_stats
         batches_seen = (
             int(self.num_batches_tracked)
             if (update and self.momentum is None and self.num_batches_tracked is not None)
@@ -168,11 +226,12 @@ class BatchNorm(nn.Module):
             self.bias,
             self.running_mean,
             self.running_var,
-            training=self.training,
+            training=batch_stats,
             momentum=self.momentum,
             eps=self.eps,
             convention=self.convention,
             num_batches_tracked=batches_seen,
+            channel_axis=axis,
             impl=self.impl,
         )
         if update:
@@ -229,8 +288,7 @@ class LazyBatchNorm(LazyModuleMixin, BatchNorm):
     def initialize_parameters(self, x: Tensor) -> None:  # type: ignore[override]
         if not self.has_uninitialized_params():
             return
-        check_input(x)
-        self.num_features = int(x.shape[1])
+        self.num_features = int(x.shape[self._check_input(x)])
         with torch.no_grad():
             for t in (self.weight, self.bias, self.running_mean, self.running_var):
                 if t is not None:
