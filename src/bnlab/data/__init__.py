@@ -1,0 +1,25 @@
+"""Datasets held in memory as tensors: Fashion-MNIST, loaded from gzipped IDX files."""
+
+from bnlab.data.fashion_mnist import (
+    CLASS_NAMES,
+    DATA_DIR_ENV,
+    FASHION_MNIST_SPEC,
+    FashionMNIST,
+    cache_dir,
+    load_fashion_mnist,
+    resolve_data_dir,
+    to_float_batches,
+)
+from bnlab.data.idx import DataError
+
+__all__ = [
+    "CLASS_NAMES",
+    "DATA_DIR_ENV",
+    "FASHION_MNIST_SPEC",
+    "DataError",
+    "FashionMNIST",
+    "cache_dir",
+    "load_fashion_mnist",
+    "resolve_data_dir",
+    "to_float_batches",
+]
