@@ -1,0 +1,237 @@
+"""The training configuration: one typed dataclass with commented defaults; the ``bnlab train``
+options are generated from its fields, and the resolved config is saved with every run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value (or option combination) that cannot be used; the message says why
+    and how to fix it."""
+
+
+def option(default: T, help: str, *, flag: str | None = None, metavar: str | None = None) -> T:
+    """A config field: its default and the help text ``bnlab train --help`` shows."""
+    metadata = {"help": help, "flag": flag, "metavar": metavar}
+    if isinstance(default, list | dict | set):
+        raise TypeError("option: use an immutable default (tuple) for dataclass fields.")
+    return typing.cast(T, field(default=default, metadata=metadata))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; the defaults are the chapter's (lr 1.0, 10 epochs, batch
+    256, plain SGD, BN-LeNet with sigmoid)."""
+
+    # --- what is trained
+    norm: str = option(
+        "bnlab",
+        "normalization layer: 'bnlab' (bnlab.nn.BatchNorm, from scratch), 'torch' "
+        "(nn.BatchNorm1d/2d, the chapter's concise version), 'none' (plain LeNet), or a name "
+        "registered in bnlab.nn.make_norm",
+    )
+    norm_options: tuple[str, ...] = option(
+        (),
+        "a KEY=VALUE option for every norm layer, repeatable (e.g. --norm-option "
+        "convention=d2l --norm-option momentum=0.9 for the chapter's from-scratch conventions); "
+        "VALUE is read as JSON when it parses, else as a string",
+        flag="--norm-option",
+        metavar="KEY=VALUE",
+    )
+    norm_layers: str = option(
+        "all",
+        "which hidden layers get a norm: all, conv, dense, none, or indices such as 0,2 "
+        "(0, 1 the convolutions; 2, 3 the dense layers)",
+    )
+    norm_position: Literal["before", "after"] = option(
+        "before", "put the norm before the activation (the chapter) or after it"
+    )
+    activation: str = option("sigmoid", "activation: sigmoid (the chapter), relu, tanh, gelu, ...")
+    bias_before_norm: bool = option(
+        True, "keep the bias of a conv/dense layer directly followed by a norm (the chapter does)"
+    )
+    dropout: float = option(0.0, "dropout probability after the activation (0: none)")
+    dropout_layers: str = option("dense", "which hidden layers get dropout (as --norm-layers)")
+    pool: Literal["max", "avg"] = option("max", "pooling: max (the chapter) or avg")
+    # --- how it is trained (plain SGD, the chapter's optimizer)
+    lr: float = option(1.0, "SGD learning rate (the chapter: 1.0 with BN, 0.9 without)")
+    epochs: int = option(10, "number of epochs")
+    batch_size: int = option(256, "minibatch size (>= 2: BN needs two values per channel)")
+    seed: int = option(0, "seed of the weight init, the shuffling and dropout")
+    subset: int | None = option(
+        None, "train on the first N training images only (quick runs); default: all 60000"
+    )
+    # --- where
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+    data_dir: str | None = option(
+        None,
+        "Fashion-MNIST directory (default: $BNLAB_DATA_DIR, else the per-user cache; "
+        "downloaded when missing)",
+    )
+    out: str | None = option(
+        None, "run directory (default: runs/<timestamp>-<norm> under the current directory)"
+    )
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check_type(f.name, value, hints[f.name])
+            if hints[f.name] is float and isinstance(value, int):
+                object.__setattr__(self, f.name, float(value))  # lr=1 is saved as 1.0
+        for name, low in (("epochs", 1), ("batch_size", 2), ("subset", 2)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                extra = (
+                    " A batch of one leaves a single value per channel, from which BN cannot "
+                    "compute a variance."
+                    if name == "batch_size"
+                    else ""
+                )
+                raise ConfigError(f"{name}: expected an int >= {low}, got {value}.{extra}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: expected a positive learning rate such as 1.0, got {self.lr}.")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: expected a probability in [0, 1), got {self.dropout}.")
+        self.parsed_norm_options()  # fails early on a malformed KEY=VALUE
+
+    def parsed_norm_options(self) -> dict[str, Any]:
+        """``("momentum=0.9", "convention=d2l")`` -> ``{"momentum": 0.9, "convention": "d2l"}``."""
+        parsed: dict[str, Any] = {}
+        for item in self.norm_options:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(
+                    f"norm_options: expected KEY=VALUE items such as 'momentum=0.9', got {item!r}."
+                )
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw  # a bare word such as d2l
+            parsed[key.strip()] = value
+        return parsed
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`bnlab.models.lenet` this config asks for."""
+        return {
+            "norm": self.norm,
+            "norm_options": self.parsed_norm_options(),
+            "norm_layers": self.norm_layers,
+            "norm_position": self.norm_position,
+            "activation": self.activation,
+            "bias_before_norm": self.bias_before_norm,
+            "dropout": self.dropout,
+            "dropout_layers": self.dropout_layers,
+            "pool": self.pool,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples become lists."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a config from another version
+        should not be half-applied)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"config: unknown keys {unknown}; expected a subset of {sorted(names)}."
+            )
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**values)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{name}: expected one of {list(get_args(hint))}, got {value!r}.")
+        return
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in get_args(hint):
+            return
+        (hint,) = [a for a in get_args(hint) if a is not type(None)]
+        origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a tuple of strings, got {value!r}.")
+        return
+    ok = (
+        isinstance(value, int | float) and not isinstance(value, bool)
+        if hint is float
+        else isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    )
+    if not ok:
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}.")
+
+
+# --- the command line, generated from the fields
+
+
+def _flag(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[TrainConfig]) -> None:
+    """One option per field: its type, choices (Literal), help and default come from the field.
+
+    Defaults are left out of the namespace (``argparse.SUPPRESS``) so that
+    :func:`config_overrides` can tell an option given on the command line from a default.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if get_origin(hint) in (types.UnionType, typing.Union):
+            (hint,) = [a for a in get_args(hint) if a is not type(None)]
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(hint) is Literal:
+            kwargs["choices"] = list(get_args(hint))
+        elif get_origin(hint) is tuple:
+            kwargs["action"] = "append"
+            kwargs["type"] = str
+        else:
+            kwargs["type"] = hint
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
+        default = "" if f.default in (None, ()) else f" (default: {f.default})"
+        parser.add_argument(_flag(f), help=f.metadata.get("help", "") + default, **kwargs)
+
+
+def config_overrides(args: argparse.Namespace, cls: type[TrainConfig]) -> dict[str, Any]:
+    """The config fields given on the command line (lists turned into tuples)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
+
+
+def flag_of(name: str, cls: type[TrainConfig] = TrainConfig) -> str:
+    """The command-line flag of a config field (for error messages)."""
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return _flag(f)
+
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "add_config_arguments",
+    "config_overrides",
+    "flag_of",
+    "option",
+]
