@@ -1,0 +1,383 @@
+"""Synchronized batch normalization: batch statistics over every process's samples.
+
+With P processes holding n_p values per channel each (N = Σ n_p), every process normalizes with
+the statistics of the concatenated batch, combined exactly from per-process (n_p, μ_p, M2_p),
+M2_p = Σ (x - μ_p)² (Chan, Golub & LeVeque, 1979, "Updating formulae and a pairwise algorithm
+for computing sample variances"):
+
+    μ  = Σ n_p μ_p / N                  (as K + Σ n_p (μ_p - K) / N, K one process's mean)
+    σ² = (Σ M2_p + Σ n_p (μ_p - μ)²) / N          (biased; no E[x²] - E[x]² cancellation)
+
+The forward pass makes one all-gather of 2C + 1 numbers per process. Everything after the
+statistics is bnlab's single path: ``scale_shift`` and ``apply_scale_shift``, the running update
+of the layer's :class:`~bnlab.functional.batch_norm.Convention`. The backward pass of the
+statistics all-reduces the 2C numbers (∂L/∂μ, ∂L/∂σ²), which are -scale·Σ dy and
+-scale/(2·sqrt(σ² + ε))·Σ dy·x̂: the two channel sums of PyTorch's SyncBatchNorm, up to
+per-channel factors that every process shares. Then
+
+    ∂L/∂x_i = ∂L/∂μ / N + ∂L/∂σ² · 2 (x_i - μ) / N.
+
+∂L/∂γ = Σ dy·x̂ and ∂L/∂β = Σ dy stay local sums, which DistributedDataParallel reduces with the
+other parameter gradients.
+
+Uneven batches are exact (counts weight every term) and a process with an empty batch still
+joins both collectives: its output is empty and it contributes zeros. At world size 1, without an
+initialized ``torch.distributed``, and in evaluation mode the layer is exactly
+:class:`~bnlab.nn.BatchNorm`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
+
+from bnlab.functional.batch_norm import (
+    Convention,
+    get_convention,
+)
+from bnlab.functional.checks import check_dtype_device, check_enough_values
+from bnlab.functional.core import (
+    accumulation_dtype,
+    apply_scale_shift,
+    channel_view,
+    moments,
+    scale_shift,
+)
+from bnlab.nn.batchnorm import BatchNorm
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup; Any keeps torch builds without it importable
+
+
+def _all_gather(output: Tensor, local: Tensor, group: ProcessGroup) -> None:
+    # all_gather_single is the current name; all_gather_into_tensor serves older torch (>= 2.3)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, local, group=group)
+
+
+def _collective(what: str, op: Callable[..., Any], *args: Any, group: ProcessGroup) -> None:
+    """Run one collective; turn a peer's failure or a timeout into an error that says so."""
+    try:
+        op(*args, group=group)
+    except RuntimeError as e:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
+        world = dist.get_world_size(group)
+        raise RuntimeError(
+            f"SyncBatchNorm: the {what} across {world} processes failed on rank "
+            f"{dist.get_rank()}: {e}. If another process raised, crashed or is stuck before "
+            "reaching this layer, its own error is the cause to look at. Every process must run "
+            "the same BatchNorm layers in the same order and mode (.train()/.eval() on all)."
+        ) from e
+
+
+class _GlobalMoments(torch.autograd.Function):
+    """x (N, C, *) -> (μ, σ², N_total) over every process's batch; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> tuple[Tensor, Tensor, Tensor]:
+        num_channels = x.shape[1]
+        acc = accumulation_dtype(x.dtype)
+        n = x.numel() // num_channels
+        if n > 0:
+            mean, var = moments(x, [0, *range(2, x.ndim)])  # (C,), (C,)
+            m2 = var * n
+        else:  # an empty batch joins with count 0 (moments of nothing would be NaN)
+            mean = m2 = x.new_zeros(num_channels, dtype=acc)
+        local = torch.cat([mean.new_full((1,), float(n)), mean, m2])  # (2C + 1,)
+        world = dist.get_world_size(group)
+        gathered = local.new_empty(world * local.numel())  # flat: gloo wants no extra axis
+        _collective("all-gather of batch statistics", _all_gather, gathered, local, group=group)
+        gathered = gathered.view(world, local.numel())  # (P, 2C + 1)
+        counts = gathered[:, :1]  # (P, 1)
+        means, m2s = gathered[:, 1 : 1 + num_channels], gathered[:, 1 + num_channels :]
+        total = counts.sum()
+        # combine around the largest batch's mean K: Σ n_p (μ_p - K) has no large terms, so a
+        # big common mean costs no precision (Σ n_p μ_p would round at the scale of N·μ)
+        shift = means[counts.argmax()]  # (C,)
+        delta = means - shift  # (P, C)
+        offset = (counts * delta).sum(0) / total  # μ - K
+        g_mean = shift + offset  # (C,)
+        g_var = (m2s.sum(0) + (counts * (delta - offset) ** 2).sum(0)) / total
+        ctx.group = group
+        ctx.save_for_backward(x, g_mean, total)
+        ctx.mark_non_differentiable(total)
+        return g_mean, g_var, total
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_mean: Tensor, grad_var: Tensor, _grad_total: Tensor | None
+    ) -> tuple[Tensor, None]:
+        x, mean, total = ctx.saved_tensors
+        num_channels = mean.numel()
+        # every process's loss depends on the shared μ, σ²: sum their gradients
+        sums = torch.cat([grad_mean, grad_var]).contiguous()  # (2C,)
+        _collective("all-reduce of gradient sums", dist.all_reduce, sums, group=ctx.group)
+        g_mean = channel_view(sums[:num_channels] / total, x.ndim)
+        g_var = channel_view(sums[num_channels:] * (2.0 / total), x.ndim)
+        grad_x = torch.addcmul(g_mean, g_var, x.to(mean.dtype) - channel_view(mean, x.ndim))
+        return grad_x.to(x.dtype), None
+
+
+def sync_moments(x: Tensor, group: ProcessGroup = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and biased variance (C,) of ``x`` (N, C, *) over the batches of every process in
+    ``group`` (default: all), and the total count per channel as a 0-d tensor; differentiable
+    in ``x``. Every process in the group must call it, with the same C (N may differ or be 0)."""
+    group = dist.group.WORLD if group is None else group
+    mean, var, total = _GlobalMoments.apply(x, group)
+    return mean, var, total
+
+
+def running_update(
+    convention: Convention,
+    momentum: float | None,
+    batches_seen: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """New running statistics (see :mod:`bnlab.functional.batch_norm`): with w the convention's
+    weight on the new batch, μ̂ ← (1 - w) μ̂ + w μ and σ̂² ← (1 - w) σ̂² + w s², where
+    s² = σ² · n/(n - 1) for unbiased conventions. ``count`` is the batch's n (a tensor keeps the
+    computation on the device, without a host synchronization)."""
+    w = convention.new_batch_weight(momentum, batches_seen)
+    with torch.no_grad():
+        if convention.unbiased_running_var:
+            var = var * (count / (count - 1))
+        new_mean = (w * mean + (1.0 - w) * running_mean).to(running_mean.dtype)
+        new_var = (w * var + (1.0 - w) * running_var).to(running_var.dtype)
+    return new_mean, new_var
+
+
+class SyncBatchNorm(BatchNorm):
+    """:class:`~bnlab.nn.BatchNorm` whose training-mode statistics span every process of a
+    ``torch.distributed`` group (formulas in :mod:`bnlab.nn.sync`).
+
+    Takes every argument of ``BatchNorm`` (``num_features`` is required) and has its state
+    dict, plus ``process_group`` as in ``torch.nn.SyncBatchNorm`` (None: the default group).
+    Works with gloo (CPU tensors) and NCCL (CUDA tensors). Outside training, with
+    ``use_global_stats``, at world size 1 or without an initialized process group it runs
+    ``BatchNorm``'s own path; ``impl`` selects that path's kernel, the synchronized path always
+    uses the reference statistics.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_dims: int | None = None,
+        *,
+        process_group: ProcessGroup = None,
+        **kwargs: Any,
+    ) -> None:
+        if num_features is None:
+            raise ValueError(
+                "num_features: SyncBatchNorm needs the channel count C, got None. Pass "
+                "SyncBatchNorm(C), or run one forward pass through a lazy BatchNorm() and then "
+                "convert the model with convert_sync_batchnorm(model)."
+            )
+        super().__init__(num_features, num_dims, **kwargs)
+        self.process_group = process_group
+
+    def _sync_group(self) -> ProcessGroup | None:
+        """The group to synchronize over, or None for the local path."""
+        batch_stats = self.training and not self.use_global_stats
+        if not (batch_stats and dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        group = self._sync_group()
+        if group is None:
+            return super().forward(x)
+        axis = self._check_input(x)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            check_dtype_device(x, getattr(self, name), name)
+        xc = x.movedim(axis, 1)  # (N, C, *): a view with channels on axis 1
+        mean, var, total = sync_moments(xc, group)
+        if xc.numel() // xc.shape[1] <= 1:  # only then can the total be <= 1; avoids a host sync
+            world = dist.get_world_size(group)
+            check_enough_values(x, int(total), f"every axis but {self.axis} on {world} processes")
+        scale, shift = scale_shift(mean, var, self.eps, self.weight, self.bias)
+        y = apply_scale_shift(xc, scale, shift).movedim(1, axis)
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), total)
+        return y
+
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        batches_seen = int(self.num_batches_tracked) if self.momentum is None else 0
+        new_mean, new_var = running_update(
+            get_convention(self.convention),
+            self.momentum,
+            batches_seen,
+            self.running_mean,
+            self.running_var,
+            mean,
+            var,
+            count,
+        )
+        # the statistics are the same on every process, so this decision is too
+        if self.skip_nonfinite and not bool(
+            torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        ):
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    f"{type(self).__name__}: a batch had non-finite statistics (NaN/Inf in the "
+                    "input of some process); the running statistics were left unchanged. This "
+                    "warning is shown once per layer.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_nonfinite = True
+            return
+        with torch.no_grad():
+            self.running_mean.copy_(new_mean)
+            self.running_var.copy_(new_var)
+            self.num_batches_tracked.add_(1)
+
+    def extra_repr(self) -> str:
+        group = "" if self.process_group is None else f", process_group={self.process_group}"
+        return super().extra_repr() + group
+
+
+def _take_state(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Move ``old``'s parameters and buffers (the same objects, so optimizers that hold them
+    keep working) and its mode into ``new``."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            setattr(new, name, getattr(old, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(old, name))
+    new.train(old.training)
+    return new
+
+
+def _bnlab_options(module: BatchNorm) -> dict[str, Any]:
+    """Every keyword option of ``BatchNorm.__init__`` that ``module`` stores under its own name
+    (eps, momentum, convention, axis, ...), so a conversion keeps all of them."""
+    names = [
+        p.name
+        for p in inspect.signature(BatchNorm.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("device", "dtype")
+    ]
+    return {name: getattr(module, name) for name in names if hasattr(module, name)}
+
+
+def _torch_num_dims(module: _BatchNorm) -> int | None:
+    if isinstance(module, nn.BatchNorm2d):
+        return 4
+    if isinstance(module, nn.BatchNorm3d):
+        return 5
+    return None  # BatchNorm1d takes (N, C) and (N, C, L); SyncBatchNorm any rank
+
+
+def _uninitialized(module: nn.Module) -> bool:
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return any(is_lazy(t) for t in tensors)
+
+
+def _to_sync(module: nn.Module, process_group: ProcessGroup) -> nn.Module | None:
+    if isinstance(module, BatchNorm):
+        if module.num_features is None or _uninitialized(module):
+            raise ValueError(
+                f"convert_sync_batchnorm: {type(module).__name__} has not inferred its channel "
+                "count yet (lazy BatchNorm()). Run one forward pass with a sample batch first, "
+                "then convert."
+            )
+        return _take_state(
+            SyncBatchNorm(
+                module.num_features,
+                module.num_dims,
+                process_group=process_group,
+                device="meta",  # placeholders only: the original tensors are moved in
+                **_bnlab_options(module),
+            ),
+            module,
+        )
+    if isinstance(module, _BatchNorm):
+        if _uninitialized(module):
+            raise ValueError(
+                f"convert_sync_batchnorm: {type(module).__name__} is lazy and has not seen an "
+                "input yet. Run one forward pass with a sample batch first, then convert."
+            )
+        return _take_state(
+            SyncBatchNorm(
+                module.num_features,
+                _torch_num_dims(module),
+                eps=module.eps,
+                momentum=module.momentum,
+                scale=module.weight is not None,
+                center=module.bias is not None,  # torch's BatchNorm*d(bias=False)
+                track_running_stats=module.track_running_stats,
+                convention="torch",
+                process_group=process_group,
+                device="meta",
+            ),
+            module,
+        )
+    return None
+
+
+def _to_local(module: nn.Module) -> nn.Module | None:
+    if not isinstance(module, SyncBatchNorm):
+        return None
+    return _take_state(
+        BatchNorm(module.num_features, module.num_dims, device="meta", **_bnlab_options(module)),
+        module,
+    )
+
+
+def _replace(module: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    new = make(module)
+    if new is not None:
+        return new
+    for name, child in list(module.named_children()):
+        module.add_module(name, _replace(child, make))
+    return module
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: ProcessGroup = None) -> nn.Module:
+    """Replace every bnlab ``BatchNorm`` and ``torch.nn.BatchNorm1d/2d/3d`` (and torch's
+    ``SyncBatchNorm``) in ``module`` by a bnlab :class:`SyncBatchNorm` over ``process_group``.
+
+    The new layers hold the original parameter and buffer objects (weights, running statistics,
+    ``num_batches_tracked``), and keep eps, momentum, affine, track_running_stats, convention
+    and the train/eval mode. Like PyTorch's converter it edits ``module`` in place and returns
+    it (or the new layer when ``module`` itself is a batch norm).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"module: expected a torch.nn.Module, got {type(module).__name__}. Pass the model."
+        )
+    return _replace(module, lambda m: _to_sync(m, process_group))
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every bnlab :class:`SyncBatchNorm` in ``module`` by a plain bnlab ``BatchNorm``
+    holding the same parameters, buffers and settings (e.g. to evaluate or export on one
+    process). Edits ``module`` in place and returns it, or the new layer."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"module: expected a torch.nn.Module, got {type(module).__name__}. Pass the model."
+        )
+    return _replace(module, _to_local)
+
+
+__all__ = [
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "running_update",
+    "sync_moments",
+]
