@@ -23,3 +23,25 @@ __all__ = [
     "register_train_kernel",
     "scale_shift",
 ]
+
+from bnlab.functional.norms import (
+    batch_renorm,
+    ghost_batch_norm,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    renorm_limits,
+)
+from bnlab.functional.pit import pit_norm
+from bnlab.functional.whitening import whitening_norm
+
+__all__ += [
+    "batch_renorm",
+    "ghost_batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "pit_norm",
+    "renorm_limits",
+    "whitening_norm",
+]

@@ -366,10 +366,10 @@ def renorm_limits(
             )
 
     def ramp(end: int) -> float:
+        if step >= end:  # also when end == warmup_start: no warm-up
+            return 1.0
         if step <= warmup_start:
             return 0.0
-        if step >= end:
-            return 1.0
         return (step - warmup_start) / (end - warmup_start)
 
     return 1.0 + (rmax - 1.0) * ramp(rmax_warmup_end), dmax * ramp(dmax_warmup_end)

@@ -8,7 +8,7 @@ the m = N·H·W values of each channel (x_g is G × m):
     μ = mean(x_g),   Σ = (x_g - μ)(x_g - μ)ᵀ / m + ε·I                    (biased, as BN)
     ZCA:    Σ = D Λ Dᵀ,   W = D Λ^{-1/2} Dᵀ                               (W Σ W = I)
     IterNorm: Σ_N = Σ / tr(Σ),  P_0 = I,  P_k = ½ (3 P_{k-1} - P_{k-1}³ Σ_N),
-              W = P_T / sqrt(tr(Σ))                                        (→ Σ^{-1/2} as T → ∞)
+              W = P_T / sqrt(tr(Σ))      (→ Σ^{-1/2} as T → ∞; computed in coupled form)
     y = γ ⊙ W (x_g - μ) + β
 
 This is the matrix form of the core's scale/shift: ``A = diag(γ) W``, ``b = β - A μ``,
@@ -88,7 +88,13 @@ def newton_schulz_whitening_matrix(cov: Tensor, eps: float = 1e-5, iterations: i
     Σ_N = (Σ + εI) / tr(Σ + εI) has eigenvalues in (0, 1], where the iteration
     P_k = ½ (3 P_{k-1} - P_{k-1}³ Σ_N) from P_0 = I converges to Σ_N^{-1/2}; slowly for
     eigenvalues much smaller than the trace (ill-conditioned Σ), which is IterNorm's intended
-    "partial whitening" at small T. Only matrix products: the backward is stable.
+    "partial whitening" at small T. W = P_T / sqrt(tr(Σ + εI)).
+
+    The iterates are computed in the coupled form (Higham, *Functions of Matrices*, §6.7),
+    Z_0 = I, Y_0 = Σ_N, S = ½ (3I - Z Y), Z ← S Z, Y ← Y S, which gives Z_k = P_k and
+    Y_k = Σ_N P_k in exact arithmetic at the same three matrix products per step; the uncoupled
+    form amplifies rounding errors and diverges after convergence for ill-conditioned Σ
+    (tens of steps). Only matrix products: the backward is stable.
     """
     check_square(cov)
     check_eps(eps)
@@ -96,11 +102,12 @@ def newton_schulz_whitening_matrix(cov: Tensor, eps: float = 1e-5, iterations: i
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     s = cov + eps * eye
     trace = s.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # (..., 1, 1)
-    sn = s / trace
-    p = eye.expand_as(s)
+    y = s / trace  # Y_0 = Σ_N
+    z = eye.expand_as(s)  # Z_0 = P_0 = I
     for _ in range(t):
-        p = 1.5 * p - 0.5 * (p @ p @ p @ sn)
-    return p * trace.rsqrt()
+        step = 1.5 * eye - 0.5 * (z @ y)
+        z, y = step @ z, y @ step
+    return z * trace.rsqrt()
 
 
 def whitening_scale_shift(
