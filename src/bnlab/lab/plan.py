@@ -1,0 +1,174 @@
+"""Runs, their cache, and the executor that works through a plan of them.
+
+A :class:`Run` is one unit of work: a task name (a function in :mod:`bnlab.lab.tasks`) with
+JSON parameters. Its result is cached under ``<results>/<experiment>/<key>.json``, where the
+key hashes the task and parameters, so a rerun (or the report) never recomputes what it has,
+and a killed ``bnlab reproduce`` continues where it stopped: finished runs are cached, and a
+training run in progress resumes from its last epoch checkpoint in ``<results>/work/<key>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+RESULT_VERSION = 1  # bump when a task's result format changes: old cache entries are ignored
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str
+    label: str  # human-readable, e.g. "bn lr=0.1 seed=0"
+    task: str  # a name in bnlab.lab.tasks.TASKS
+    params: dict[str, Any] = field(hash=False)
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps(
+            {"task": self.task, "params": self.params, "v": RESULT_VERSION}, sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ResultStore:
+    """One JSON file per run, written atomically; a corrupt file is reported by name and
+    moved aside (``.corrupt``), never used."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, run: Run) -> Path:
+        return self.root / run.experiment / f"{run.key}.json"
+
+    def workdir(self, run: Run) -> Path:
+        return self.root / "work" / run.key
+
+    def get(self, run: Run) -> dict[str, Any] | None:
+        path = self.path(run)
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            if record["task"] != run.task or record["params"] != run.params:
+                raise ValueError("its task/params do not match the run's")
+            return dict(record["result"])
+        except (ValueError, KeyError, TypeError) as e:
+            aside = path.with_suffix(".json.corrupt")
+            os.replace(path, aside)
+            warnings.warn(
+                f"cached result {path} is unreadable ({e}); moved it to {aside.name} and the "
+                "run will be recomputed.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+
+    def put(self, run: Run, result: dict[str, Any], seconds: float) -> None:
+        path = self.path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "experiment": run.experiment,
+            "label": run.label,
+            "task": run.task,
+            "params": run.params,
+            "seconds": seconds,
+            "result": result,
+        }
+        atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _execute(run: Run, store_root: str) -> tuple[Run, dict[str, Any], float]:
+    """Run one task (in this or a worker process) and cache its result."""
+    from bnlab.lab.tasks import run_task
+
+    store = ResultStore(store_root)
+    start = time.perf_counter()
+    result = run_task(run.task, run.params, workdir=store.workdir(run))
+    seconds = time.perf_counter() - start
+    store.put(run, result, seconds)
+    return run, result, seconds
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
+
+
+def execute_plan(
+    runs: Sequence[Run],
+    store: ResultStore,
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+    on_result: Callable[[Run, dict[str, Any]], None] | None = None,
+) -> dict[Run, dict[str, Any]]:
+    """Results for every run, computing only those not cached; shows one progress bar for the
+    whole plan (which experiment, which run, ETA)."""
+    results: dict[Run, dict[str, Any]] = {}
+    todo: list[Run] = []
+    for run in _unique(runs):
+        cached = store.get(run)
+        if cached is None:
+            todo.append(run)
+        else:
+            results[run] = cached
+    bar = tqdm(total=len(todo), desc="plan", unit="run", disable=not progress or not todo)
+    try:
+        if jobs <= 1 or len(todo) <= 1:
+            for run in todo:
+                bar.set_postfix_str(f"{run.experiment}: {run.label}")
+                _, result, _ = _execute(run, str(store.root))
+                results[run] = result
+                if on_result:
+                    on_result(run, result)
+                bar.update()
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(threads,)) as pool:
+                futures = [pool.submit(_execute, run, str(store.root)) for run in todo]
+                for future in as_completed(futures):
+                    run, result, _ = future.result()
+                    bar.set_postfix_str(f"{run.experiment}: {run.label}")
+                    results[run] = result
+                    if on_result:
+                        on_result(run, result)
+                    bar.update()
+    finally:
+        bar.close()
+    return results
+
+
+def _unique(runs: Iterable[Run]) -> list[Run]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for run in runs:
+        if (run.experiment, run.key) not in seen:
+            seen.add((run.experiment, run.key))
+            out.append(run)
+    return out
