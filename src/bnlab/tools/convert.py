@@ -58,7 +58,10 @@ _COPIED = (
     "device",
     "dtype",
 )
-_SOURCE_ATTR = "_converted_from"  # the torch class a bnlab BN came from, for the way back
+# Remembered across a conversion so that a round trip gives back the same layers: the torch
+# class a bnlab BN came from, and the num_dims of the bnlab BN a torch BN came from.
+_SOURCE_ATTR = "_converted_from"
+_NUM_DIMS_ATTR = "_bnlab_num_dims"
 
 
 def _is_torch_bn(m: nn.Module) -> bool:
@@ -111,7 +114,7 @@ def _to_bnlab(bn: nn.Module, options: dict[str, Any]) -> nn.Module:
     ref = state.reference()
     new = BatchNorm(
         state.num_features,
-        _TORCH_RANK[type(bn)],
+        bn.__dict__.get(_NUM_DIMS_ATTR, _TORCH_RANK[type(bn)]),
         eps=state.eps,
         momentum=state.momentum,
         scale=state.weight is not None,
@@ -127,27 +130,30 @@ def _to_bnlab(bn: nn.Module, options: dict[str, Any]) -> nn.Module:
     return new
 
 
-def _torch_rank_for(name: str, bn: BatchNorm, before: dict[int, nn.Module], fallback: Any) -> int:
-    if bn.num_dims is not None:
-        return int(bn.num_dims)
+def _known_rank(bn: nn.Module, before: dict[int, nn.Module], input_rank: int | None) -> int | None:
+    """The input rank of ``bn``: its own (bnlab ``num_dims``, torch BatchNorm2d/3d), the torch
+    class it was converted from, a directly preceding Conv/Linear, ``input_rank``, or None."""
+    fixed = bn.num_dims if isinstance(bn, BatchNorm) else _TORCH_RANK.get(type(bn))
+    if fixed is not None:
+        return int(fixed)
     source = bn.__dict__.get(_SOURCE_ATTR)
-    if source in (nn.BatchNorm2d, nn.BatchNorm3d):
+    if source is nn.BatchNorm2d or source is nn.BatchNorm3d:
         return 4 if source is nn.BatchNorm2d else 5
-    if source is nn.BatchNorm1d:
-        return 2
     if id(bn) in before:
         return _layer_rank(before[id(bn)])
-    if fallback is not None:
-        return int(fallback)
-    raise ValueError(
-        f"{name or 'model'}: a BatchNorm with num_dims=None takes inputs of any rank, but "
-        "torch has one class per rank (BatchNorm1d for (N, C) and (N, C, L), BatchNorm2d for "
-        "(N, C, H, W), BatchNorm3d for (N, C, D, H, W)) and none directly precedes it to tell. "
-        "Pass input_rank=4 (or 2, 3, 5), or build the layer with num_dims."
-    )
+    if source is nn.BatchNorm1d:
+        return 2
+    return input_rank
 
 
-def _to_torch(name: str, bn: BatchNorm, rank: int) -> nn.Module:
+def _to_torch(name: str, bn: BatchNorm, rank: int | None) -> nn.Module:
+    if rank is None:
+        raise ValueError(
+            f"{name or 'model'}: a BatchNorm with num_dims=None takes inputs of any rank, but "
+            "torch has one class per rank (BatchNorm1d for (N, C) and (N, C, L), BatchNorm2d "
+            "for (N, C, H, W), BatchNorm3d for (N, C, D, H, W)) and no directly preceding layer "
+            "tells which. Pass input_rank=4 (or 2, 3, 5), or build the layer with num_dims."
+        )
     problems = []
     if bn.convention != "torch":
         problems.append(
@@ -184,48 +190,93 @@ def _to_torch(name: str, bn: BatchNorm, rank: int) -> nn.Module:
         **({} if bn.center or not bn.scale else {"bias": False}),
     )
     _copy_state(bn, new, strict=True)  # fixed_affine buffers become params, requires_grad False
+    if bn.num_dims is not None and bn.num_dims != _TORCH_RANK[cls]:
+        object.__setattr__(new, _NUM_DIMS_ATTR, bn.num_dims)  # e.g. 2 for BatchNorm1d
     return new
 
 
-def _registry_make_norm() -> Any:
+def _registry() -> Any:
     try:
-        registry = importlib.import_module("bnlab.nn.registry")
+        return importlib.import_module("bnlab.nn.registry")
     except ModuleNotFoundError as err:
-        if err.name not in ("bnlab.nn.registry",):
+        if err.name != "bnlab.nn.registry":
             raise
         raise ValueError(
             "convert_norm(to=<name>): converting to other norms needs bnlab.nn.registry "
             "(make_norm), which this installation does not have; to='bnlab' and to='torch' "
             "work without it."
         ) from None
-    return registry.make_norm
+
+
+def _registry_options(target: str) -> frozenset[str]:
+    """The options ``make_norm(target, ...)`` accepts; a clear error for an unknown name."""
+    norms = _registry().NORMS
+    if target not in norms:
+        raise ValueError(
+            f"to: expected 'bnlab', 'torch' or a norm name of bnlab.nn.registry "
+            f"{sorted(norms)}, got {target!r}."
+        )
+    return frozenset(norms[target].options)
+
+
+def _carried_settings(bn: nn.Module, accepted: frozenset[str]) -> dict[str, Any]:
+    """The source's settings that the target layer takes as constructor options."""
+    state = bn_state(bn)
+    convention = str(getattr(bn, "convention", "torch"))
+    fixed_rank = bn.num_dims if isinstance(bn, BatchNorm) else _TORCH_RANK.get(type(bn))
+    axis = int(getattr(bn, "axis", 1))
+    out: dict[str, Any] = {}
+    if "eps" in accepted:
+        out["eps"] = state.eps
+    # momentum means the same only under the same convention; targets without a convention
+    # option use torch's (weight on the new batch)
+    if "convention" in accepted:
+        out["convention"] = convention
+        out["momentum"] = state.momentum
+    elif "momentum" in accepted and convention == "torch":
+        out["momentum"] = state.momentum
+    if "track_running_stats" in accepted:
+        out["track_running_stats"] = state.running_mean is not None
+    if "scale" in accepted and "center" in accepted:
+        out["scale"], out["center"] = state.weight is not None, state.bias is not None
+    elif "affine" in accepted:
+        out["affine"] = state.weight is not None or state.bias is not None
+        if "bias" in accepted and state.weight is not None and state.bias is None:
+            out["bias"] = False
+    if "num_dims" in accepted and fixed_rank is not None:
+        out["num_dims"] = fixed_rank
+    if "axis" in accepted:
+        out["axis"] = axis
+    elif axis != 1 and not (fixed_rank and channel_axis_index(axis, fixed_rank) == 1):
+        raise ValueError(
+            f"{type(bn).__name__} normalizes axis {axis}, and the target layer has no axis "
+            "option (it normalizes axis 1). Move the channels to axis 1 first."
+        )
+    return out
 
 
 def _to_registry(
-    name: str, bn: nn.Module, target: str, rank: int, options: dict[str, Any]
+    name: str, bn: nn.Module, target: str, rank: int | None, options: dict[str, Any]
 ) -> nn.Module:
-    make_norm = _registry_make_norm()
+    accepted = _registry_options(target)
     kwargs = dict(options)
-    kind = kwargs.pop("kind", "conv" if rank >= 3 else "dense")
+    kind = kwargs.pop("kind", None)
+    if kind is None:
+        if rank is None and isinstance(bn, BatchNorm):
+            raise ValueError(
+                f"{name or 'model'}: cannot tell whether this BatchNorm (num_dims=None) sees "
+                "(N, C) or (N, C, H, W) inputs. Pass kind='dense' or kind='conv' (or "
+                "input_rank=2/4)."
+            )
+        kind = "conv" if (rank or 2) >= 3 else "dense"  # a lone BatchNorm1d: (N, C)
     state = bn_state(bn)
-    new = make_norm(target, state.num_features, kind=kind, **kwargs)
-    if not isinstance(new, nn.Module):
-        raise TypeError(
-            f"bnlab.nn.registry.make_norm({target!r}, ...) returned {type(new).__name__}, "
-            "expected an nn.Module."
-        )
+    kwargs.update(_carried_settings(bn, accepted))
+    new: nn.Module = _registry().make_norm(target, state.num_features, kind=kind, **kwargs)
     ref = state.reference()
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype)
     _copy_state(bn, new, strict=False)  # only what the new layer has room for
-    for attr in ("eps", "momentum"):  # kept where the new layer has the same setting
-        if attr not in options and hasattr(new, attr) and _same_convention(bn, new):
-            setattr(new, attr, getattr(bn, attr))
     return new
-
-
-def _same_convention(src: nn.Module, dst: nn.Module) -> bool:
-    return str(getattr(src, "convention", "torch")) == str(getattr(dst, "convention", "torch"))
 
 
 def convert_norm(
@@ -282,8 +333,8 @@ def convert_norm(
         sources = [(n, m) for n, m in model.named_modules() if _is_torch_bn(m) or _is_bnlab_bn(m)]
     for n, m in sources:
         check_materialized(m, n)
-    if not sources and to not in ("bnlab", "torch"):
-        _registry_make_norm()  # a bad target should fail even on a model without BN
+    if to not in ("bnlab", "torch"):
+        _registry_options(to)  # a bad target fails even on a model without BN
     # Build every new layer first, so that a layer that cannot be converted raises before the
     # model (inplace=True) is touched.
     before = preceding_layers(model) if to != "bnlab" and sources else {}
@@ -291,25 +342,13 @@ def convert_norm(
     for name, m in sources:
         if to == "bnlab":
             new_by_name[name] = _to_bnlab(m, opts)
-            continue
-        if isinstance(m, BatchNorm):
-            rank = _torch_rank_for(name, m, before, input_rank)
-        else:
-            fixed = _TORCH_RANK[type(m)]
-            rank = fixed if fixed is not None else _torch1d_rank(m, before, input_rank)
-        if to == "torch":
+        elif to == "torch":
             assert isinstance(m, BatchNorm)
-            new_by_name[name] = _to_torch(name, m, rank)
+            new_by_name[name] = _to_torch(name, m, _known_rank(m, before, input_rank))
         else:
-            new_by_name[name] = _to_registry(name, m, to, rank, opts)
+            new_by_name[name] = _to_registry(name, m, to, _known_rank(m, before, input_rank), opts)
     out = working_copy(model, inplace)
     return replace_modules(out, lambda name, _: new_by_name.get(name))
-
-
-def _torch1d_rank(bn: nn.Module, before: dict[int, nn.Module], fallback: Any) -> int:
-    if id(bn) in before:
-        return _layer_rank(before[id(bn)])
-    return 2 if fallback is None else int(fallback)
 
 
 __all__ = ["convert_norm"]
