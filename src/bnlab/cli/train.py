@@ -115,6 +115,7 @@ def _describe(config: TrainConfig, where: str) -> str:
         f"BN-LeNet norm={config.norm} on {where}: lr {config.lr}, batch {config.batch_size}, "
         f"{config.epochs} epochs, seed {config.seed}"
         + (f", first {config.subset} training images" if config.subset else "")
+        + (f", first {config.test_subset} test images" if config.test_subset else "")
     )
 
 

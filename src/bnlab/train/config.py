@@ -71,6 +71,9 @@ class TrainConfig:
     subset: int | None = option(
         None, "train on the first N training images only (quick runs); default: all 60000"
     )
+    test_subset: int | None = option(
+        None, "evaluate on the first N test images only (quick runs); default: all 10000"
+    )
     # --- where
     device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
     data_dir: str | None = option(
@@ -89,7 +92,7 @@ class TrainConfig:
             _check_type(f.name, value, hints[f.name])
             if hints[f.name] is float and isinstance(value, int):
                 object.__setattr__(self, f.name, float(value))  # lr=1 is saved as 1.0
-        for name, low in (("epochs", 1), ("batch_size", 2), ("subset", 2)):
+        for name, low in (("epochs", 1), ("batch_size", 2), ("subset", 2), ("test_subset", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
                 extra = (

@@ -299,8 +299,19 @@ def _tensors(
                 f"{config.subset}. Leave --subset out to use them all."
             )
         images, labels = images[: config.subset], labels[: config.subset]
+    test_images, test_labels = data.test_images, data.test_labels
+    if config.test_subset is not None:
+        if config.test_subset > len(test_images):
+            raise ConfigError(
+                f"test_subset: expected at most the {len(test_images)} test images, got "
+                f"{config.test_subset}. Leave --test-subset out to use them all."
+            )
+        test_images, test_labels = (
+            test_images[: config.test_subset],
+            test_labels[: config.test_subset],
+        )
     train_x, train_y = to_device_tensors(images, labels, device)
-    test_x, test_y = to_device_tensors(data.test_images, data.test_labels, device)
+    test_x, test_y = to_device_tensors(test_images, test_labels, device)
     return train_x, train_y, test_x, test_y, info
 
 

@@ -1,0 +1,282 @@
+"""The training loop on small synthetic in-memory data: the plain SGD it claims to be (checked
+against a hand-written loop), determinism, run-directory files, checkpoints and resume."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnlab.models import init_weights, lenet
+from bnlab.train import (
+    CheckpointError,
+    ConfigError,
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    resume,
+    to_device_tensors,
+    train,
+    train_epoch,
+)
+from bnlab.train.checkpoint import atomic_write, atomic_write_text
+from bnlab.train.config import add_config_arguments, config_overrides
+from bnlab.train.loop import batch_bounds
+
+
+def synthetic(n_train: int = 300, n_test: int = 100, seed: int = 0) -> SimpleNamespace:
+    """A learnable 10-class problem: class k lights up a 6x6 block at a class-specific place."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+        for i, k in enumerate(labels.tolist()):
+            r, c = 2 + 8 * (k // 4), 2 + 6 * (k % 4)
+            images[i, r : r + 6, c : c + 6] = 230
+        return images, labels
+
+    tr_x, tr_y = make(n_train)
+    te_x, te_y = make(n_test)
+    return SimpleNamespace(train_images=tr_x, train_labels=tr_y, test_images=te_x, test_labels=te_y)
+
+
+def config(tmp_path: Path, name: str = "run", **kw: object) -> TrainConfig:
+    base: dict = {"epochs": 2, "batch_size": 64, "device": "cpu", "out": str(tmp_path / name)}
+    return TrainConfig(**{**base, **kw})
+
+
+# --- pieces
+
+
+@pytest.mark.parametrize(
+    ("n", "bs", "expected"),
+    [
+        (512, 256, [(0, 256), (256, 512)]),
+        (513, 256, [(0, 256), (256, 512)]),  # a lone last example is dropped
+        (514, 256, [(0, 256), (256, 512), (512, 514)]),  # a partial batch of 2 is kept
+        (100, 256, [(0, 100)]),
+        (257, 256, [(0, 256)]),
+        (1, 256, []),
+        (5, 2, [(0, 2), (2, 4)]),
+    ],
+)
+def test_batch_bounds(n: int, bs: int, expected: list[tuple[int, int]]) -> None:
+    assert batch_bounds(n, bs) == expected
+
+
+def test_to_device_tensors() -> None:
+    images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
+    x, y = to_device_tensors(images.numpy(), [3], torch.device("cpu"))
+    assert x.shape == (1, 1, 2, 2) and x.dtype == torch.float32
+    assert x.flatten().tolist() == pytest.approx([0.0, 1.0, 0.2, 0.4])
+    assert y.dtype == torch.long and y.tolist() == [3]
+    with pytest.raises(ValueError, match=r"uint8 of shape \(N, H, W\), got torch.float32"):
+        to_device_tensors(images.float(), [3], torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"labels: expected integers of shape \(1,\)"):
+        to_device_tensors(images, [3, 4], torch.device("cpu"))
+
+
+def test_train_epoch_is_plain_sgd_over_a_randperm() -> None:
+    """The loop must equal the hand-written chapter loop on the same order and weights."""
+    data = synthetic(n_train=150)
+    x, y = to_device_tensors(data.train_images, data.train_labels, torch.device("cpu"))
+    torch.manual_seed(0)
+    net = init_weights(lenet("torch"))
+    ref = lenet("torch")
+    ref.load_state_dict(net.state_dict())
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    loss, acc, seen = train_epoch(
+        net, opt, x, y, batch_size=64, generator=torch.Generator().manual_seed(7)
+    )
+
+    perm = torch.randperm(150, generator=torch.Generator().manual_seed(7))
+    losses, correct = [], 0
+    for a in (0, 64, 128):  # 64 + 64 + 22
+        idx = perm[a : a + 64]
+        out = ref(x[idx])
+        step_loss = F.cross_entropy(out, y[idx])
+        ref.zero_grad()
+        step_loss.backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.5 * p.grad
+        losses.append(step_loss.item() * len(idx))
+        correct += int((out.argmax(1) == y[idx]).sum())
+    assert seen == 150
+    assert loss == pytest.approx(sum(losses) / 150, rel=1e-6)
+    assert acc == correct / 150
+    for (name, p), (_, q) in zip(net.state_dict().items(), ref.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_evaluate_uses_eval_mode_and_restores_the_mode() -> None:
+    data = synthetic(n_test=70)
+    x, y = to_device_tensors(data.test_images, data.test_labels, torch.device("cpu"))
+    torch.manual_seed(0)
+    net = init_weights(lenet("bnlab"))
+    net(torch.rand(32, 1, 28, 28))  # move the running statistics away from 0/1
+    running = net[1].running_mean.clone()
+    with torch.no_grad():
+        net.eval()
+        expected = (net(x).argmax(1) == y).float().mean().item()
+    for mode in (True, False):
+        net.train(mode)
+        assert evaluate(net, x, y, batch_size=16) == pytest.approx(expected)
+        assert all(m.training == mode for m in net.modules())
+    assert torch.equal(net[1].running_mean, running)  # eval did not update statistics
+
+
+# --- whole runs
+
+
+def test_same_seed_same_history_and_global_rng_untouched(tmp_path: Path) -> None:
+    data = synthetic()
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    a = train(config(tmp_path, "a", dropout=0.2), data, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    b = train(config(tmp_path, "b", dropout=0.2), data, progress=False)
+    c = train(config(tmp_path, "c", dropout=0.2, seed=1), data, progress=False)
+    assert [h.scores() for h in a.history] == [h.scores() for h in b.history]
+    assert [h.scores() for h in a.history] != [h.scores() for h in c.history]
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+
+
+def test_run_directory_files(tmp_path: Path) -> None:
+    seen: list[int] = []
+    result = train(
+        config(tmp_path), synthetic(), progress=True, on_epoch=lambda s: seen.append(s.epoch)
+    )
+    run = result.run
+    assert seen == [1, 2] and [h.epoch for h in result.history] == [1, 2]
+    saved = json.loads(run.config.read_text())
+    assert TrainConfig.from_dict(saved) == result.config
+    assert saved["device"] == "cpu" and saved["out"] == str(tmp_path / "run")
+
+    with run.metrics_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["test_acc"]) for r in rows] == [h.test_acc for h in result.history]
+    assert [float(r["train_loss"]) for r in rows] == [h.train_loss for h in result.history]
+    metrics = json.loads(run.metrics_json.read_text())
+    assert metrics["history"] == [h.to_dict() for h in result.history]
+    assert metrics["environment"]["torch"] == torch.__version__
+    assert run.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    state = torch.load(run.checkpoint, weights_only=True)  # plain tensors, dicts, lists, numbers
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    for k, v in result.model.state_dict().items():
+        assert torch.equal(state["model"][k], v), k
+    data = synthetic()
+    x, y = to_device_tensors(data.test_images, data.test_labels, torch.device("cpu"))
+    assert result.history[-1].test_acc == evaluate(result.model, x, y)
+    assert not list(run.path.glob(".*.tmp"))
+
+
+def test_resume_extends_a_finished_run_to_the_uninterrupted_history(tmp_path: Path) -> None:
+    data = synthetic()
+    full = train(config(tmp_path, "full", epochs=3, dropout=0.1), data, progress=False)
+    part = train(config(tmp_path, "part", epochs=1, dropout=0.1), data, progress=False)
+    resumed = resume(part.run.path, data, progress=False, epochs=3)
+    assert [h.scores() for h in resumed.history] == [h.scores() for h in full.history]
+    assert json.loads(part.run.config.read_text())["epochs"] == 3
+
+
+def test_resume_refuses_config_changes_and_unknown_dirs(tmp_path: Path) -> None:
+    data = synthetic()
+    part = train(config(tmp_path, epochs=1), data, progress=False)
+    with pytest.raises(ConfigError, match=r"\['lr'\] cannot change"):
+        resume(part.run.path, data, lr=0.1)
+    with pytest.raises(ConfigError, match="not a run directory"):
+        resume(tmp_path / "nothing", data)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config(tmp_path, epochs=1), data, progress=False)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),  # truncated
+        lambda p: p.write_bytes(b"\x00garbage" * 10),
+        lambda p: torch.save([1, 2, 3], p),  # loadable, but not a checkpoint
+        lambda p: torch.save({"format": "bnlab-train-checkpoint", "version": 99}, p),
+    ],
+)
+def test_a_corrupt_checkpoint_is_reported_by_name(tmp_path: Path, damage) -> None:
+    part = train(config(tmp_path, epochs=1), synthetic(), progress=False)
+    damage(part.run.checkpoint)
+    with pytest.raises(CheckpointError, match=str(part.run.checkpoint)):
+        load_checkpoint(part.run.checkpoint)
+    with pytest.raises(CheckpointError, match="checkpoint"):
+        resume(part.run.path, synthetic())
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old")
+
+    def fail(f) -> None:
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, fail)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+# --- config
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = TrainConfig(norm="torch", lr=2, norm_options=("momentum=0.9", "convention=d2l"))
+    assert cfg.lr == 2.0 and isinstance(cfg.lr, float)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.parsed_norm_options() == {"momentum": 0.9, "convention": "d2l"}
+    for bad, match in (
+        ({"batch_size": 1}, "batch_size: expected an int >= 2"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr: expected a positive"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"norm_position": "middle"}, r"norm_position: expected one of \['before', 'after'\]"),
+        ({"epochs": "3"}, "epochs: expected int"),
+        ({"norm_options": ("momentum",)}, "KEY=VALUE"),
+        ({"subset": 1}, "subset"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(**bad)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_cli_options_are_generated_from_the_fields() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    help_text = parser.format_help()
+    for f in dataclasses.fields(TrainConfig):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        assert flag in help_text, flag
+    args = parser.parse_args(
+        ["--lr", "0.5", "--no-bias-before-norm", "--norm-option", "eps=0.001", "--norm-option",
+         "convention=d2l", "--norm-position", "after", "--subset", "100"]
+    )  # fmt: skip
+    overrides = config_overrides(args, TrainConfig)
+    assert overrides == {
+        "lr": 0.5,
+        "bias_before_norm": False,
+        "norm_options": ("eps=0.001", "convention=d2l"),
+        "norm_position": "after",
+        "subset": 100,
+    }  # options not given stay out, so the dataclass defaults apply
+    cfg = TrainConfig(**overrides)
+    assert cfg.epochs == TrainConfig().epochs
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--pool", "min"])
