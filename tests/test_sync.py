@@ -406,6 +406,19 @@ def test_convert_a_bare_layer_and_the_sync_layer_loads_torch_state() -> None:
     assert isinstance(revert_sync_batchnorm(sync), BatchNorm)
 
 
+def test_variants_are_left_alone_with_a_warning() -> None:
+    class Variant(BatchNorm):  # e.g. batch renorm: its own statistics, not plain BN's
+        pass
+
+    class TorchVariant(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(Variant(3), TorchVariant(3), BatchNorm(3))
+    with pytest.warns(RuntimeWarning, match="left unconverted"):
+        convert_sync_batchnorm(model)
+    assert [type(m) for m in model] == [Variant, TorchVariant, SyncBatchNorm]
+
+
 def test_bad_input_is_explained() -> None:
     with pytest.raises(ValueError, match="Run one forward pass"):
         convert_sync_batchnorm(nn.Sequential(BatchNorm()))

@@ -52,7 +52,7 @@ from bnlab.functional.core import (
     moments,
     scale_shift,
 )
-from bnlab.nn.batchnorm import BatchNorm
+from bnlab.nn.batchnorm import BatchNorm, LazyBatchNorm
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; Any keeps torch builds without it importable
 
@@ -287,7 +287,32 @@ def _uninitialized(module: nn.Module) -> bool:
     return any(is_lazy(t) for t in tensors)
 
 
+# exactly these classes: a subclass (batch renorm, ghost BN, timm's BN + activation) computes
+# something else, which a plain SyncBatchNorm would silently replace
+_BNLAB_PLAIN = (BatchNorm, LazyBatchNorm, SyncBatchNorm)
+_TORCH_PLAIN = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+)
+
+
 def _to_sync(module: nn.Module, process_group: ProcessGroup) -> nn.Module | None:
+    if isinstance(module, BatchNorm | _BatchNorm) and type(module) not in (
+        *_BNLAB_PLAIN,
+        *_TORCH_PLAIN,
+    ):
+        warnings.warn(
+            f"convert_sync_batchnorm: {type(module).__name__} is a batch norm variant, not a "
+            "plain BatchNorm; it is left unconverted and keeps per-process statistics.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
     if isinstance(module, BatchNorm):
         if module.num_features is None or _uninitialized(module):
             raise ValueError(
@@ -350,6 +375,8 @@ def _replace(module: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -
 def convert_sync_batchnorm(module: nn.Module, process_group: ProcessGroup = None) -> nn.Module:
     """Replace every bnlab ``BatchNorm`` and ``torch.nn.BatchNorm1d/2d/3d`` (and torch's
     ``SyncBatchNorm``) in ``module`` by a bnlab :class:`SyncBatchNorm` over ``process_group``.
+    Subclasses that compute something else (batch renorm, ghost batch norm, ...) are left as
+    they are, with a warning.
 
     The new layers hold the original parameter and buffer objects (weights, running statistics,
     ``num_batches_tracked``), and keep eps, momentum, affine, track_running_stats, convention
