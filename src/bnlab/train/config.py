@@ -39,6 +39,7 @@ class TrainConfig:
         "normalization layer: 'bnlab' (bnlab.nn.BatchNorm, from scratch), 'torch' "
         "(nn.BatchNorm1d/2d, the chapter's concise version), 'none' (plain LeNet), or a name "
         "registered in bnlab.nn.make_norm",
+        metavar="NAME",
     )
     norm_options: tuple[str, ...] = option(
         (),
@@ -52,37 +53,53 @@ class TrainConfig:
         "all",
         "which hidden layers get a norm: all, conv, dense, none, or indices such as 0,2 "
         "(0, 1 the convolutions; 2, 3 the dense layers)",
+        metavar="LAYERS",
     )
     norm_position: Literal["before", "after"] = option(
         "before", "put the norm before the activation (the chapter) or after it"
     )
-    activation: str = option("sigmoid", "activation: sigmoid (the chapter), relu, tanh, gelu, ...")
+    activation: str = option(
+        "sigmoid", "activation: sigmoid (the chapter), relu, tanh, gelu, ...", metavar="NAME"
+    )
     bias_before_norm: bool = option(
         True, "keep the bias of a conv/dense layer directly followed by a norm (the chapter does)"
     )
-    dropout: float = option(0.0, "dropout probability after the activation (0: none)")
-    dropout_layers: str = option("dense", "which hidden layers get dropout (as --norm-layers)")
+    dropout: float = option(0.0, "dropout probability after the activation (0: none)", metavar="P")
+    dropout_layers: str = option(
+        "dense", "which hidden layers get dropout (as --norm-layers)", metavar="LAYERS"
+    )
     pool: Literal["max", "avg"] = option("max", "pooling: max (the chapter) or avg")
     # --- how it is trained (plain SGD, the chapter's optimizer)
     lr: float = option(1.0, "SGD learning rate (the chapter: 1.0 with BN, 0.9 without)")
-    epochs: int = option(10, "number of epochs")
-    batch_size: int = option(256, "minibatch size (>= 2: BN needs two values per channel)")
-    seed: int = option(0, "seed of the weight init, the shuffling and dropout")
+    epochs: int = option(10, "number of epochs", metavar="N")
+    batch_size: int = option(
+        256, "minibatch size (>= 2: BN needs two values per channel)", metavar="N"
+    )
+    seed: int = option(0, "seed of the weight init, the shuffling and dropout", metavar="N")
     subset: int | None = option(
-        None, "train on the first N training images only (quick runs); default: all 60000"
+        None,
+        "train on the first N training images only (quick runs); default: all 60000",
+        metavar="N",
     )
     test_subset: int | None = option(
-        None, "evaluate on the first N test images only (quick runs); default: all 10000"
+        None,
+        "evaluate on the first N test images only (quick runs); default: all 10000",
+        metavar="N",
     )
     # --- where
-    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
+    device: str = option(
+        "auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...", metavar="DEVICE"
+    )
     data_dir: str | None = option(
         None,
         "Fashion-MNIST directory (default: $BNLAB_DATA_DIR, else the per-user cache; "
         "downloaded when missing)",
+        metavar="DIR",
     )
     out: str | None = option(
-        None, "run directory (default: runs/<timestamp>-<norm> under the current directory)"
+        None,
+        "run directory (default: runs/<timestamp>-<norm> under the current directory)",
+        metavar="DIR",
     )
 
     def __post_init__(self) -> None:
