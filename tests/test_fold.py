@@ -465,3 +465,18 @@ def test_remove_bias_then_training_keeps_models_equivalent() -> None:
 def test_remove_bias_bad_input() -> None:
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module, got list"):
         remove_bias_before_bn([nn.Linear(2, 2)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["BatchRenorm", "GhostBatchNorm", "SyncBatchNorm"])
+def test_fold_bnlab_bn_variants_that_predict_like_bn(name: str) -> None:
+    import bnlab.nn
+
+    cls = getattr(bnlab.nn, name)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), cls(3)).double()
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):  # training steps move the running statistics
+        model(torch.randn(8, 2, 5, 5, generator=gen, dtype=torch.float64) * 3 + 1)
+    model.eval()
+    x = torch.randn(4, 2, 5, 5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(fold_bn(model, unfolded="raise")(x), model(x)) <= 1e-10

@@ -14,15 +14,20 @@ training; moving b into it, μ̂' = μ̂ − b, keeps the eval-mode output uncha
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from bnlab.tools.adjacency import Method, find_foldable
-from bnlab.tools.common import check_all_materialized, check_module, tensor_attr, working_copy
+from bnlab.tools.common import (
+    ModuleT,
+    check_all_materialized,
+    check_module,
+    tensor_attr,
+    working_copy,
+)
 
 
 def remove_bias_before_bn(
-    model: nn.Module, *, method: Method = "auto", inplace: bool = False
-) -> nn.Module:
+    model: ModuleT, *, method: Method = "auto", inplace: bool = False
+) -> ModuleT:
     """Remove the bias of every Conv/ConvTranspose/Linear that directly feeds a BN, moving it
     into the BN's running mean (μ̂ ← μ̂ − b) so both modes compute what they did before.
 

@@ -27,6 +27,7 @@ from bnlab.functional.checks import check_eps, check_float
 from bnlab.functional.core import scale_shift
 from bnlab.tools.adjacency import Method, find_foldable, is_transposed
 from bnlab.tools.common import (
+    ModuleT,
     bn_state,
     check_all_materialized,
     check_module,
@@ -135,12 +136,12 @@ def _check_unfolded(unfolded: object) -> None:
 
 
 def fold_bn(
-    model: nn.Module,
+    model: ModuleT,
     *,
     method: Method = "auto",
     inplace: bool = False,
     unfolded: OnUnfolded = "warn",
-) -> nn.Module:
+) -> ModuleT:
     """Fold every eval-mode BN that directly follows a Conv/ConvTranspose/Linear into it.
 
     Returns an equivalent model (in prediction mode) in which each folded BN is replaced by

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from bnlab.tools.common import (
+    ModuleT,
     check_materialized,
     check_module,
     find_batch_norms,
@@ -70,7 +71,7 @@ def _check_constant(value: object, name: str) -> float:
     return float(value)
 
 
-def fix_affine(model: nn.Module, gamma: float = 1.0, beta: float = 0.0) -> nn.Module:
+def fix_affine(model: ModuleT, gamma: float = 1.0, beta: float = 0.0) -> ModuleT:
     """Fix every BN's γ and β at constants and stop learning them (the chapter's exercise 5).
 
     Sets ``weight`` to ``gamma`` and ``bias`` to ``beta`` and ``requires_grad=False`` on them,

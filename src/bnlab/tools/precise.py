@@ -30,6 +30,7 @@ from bnlab.functional.checks import check_float
 from bnlab.functional.core import moments
 from bnlab.nn import BatchNorm
 from bnlab.tools.common import (
+    ModuleT,
     bn_axis,
     bn_state,
     check_materialized,
@@ -143,12 +144,12 @@ def _check_args(batches: object, num_batches: object, mode: object) -> None:
 
 
 def precise_bn(
-    model: nn.Module,
+    model: ModuleT,
     batches: Iterable[Any],
     *,
     num_batches: int | None = None,
     mode: Mode = "eval",
-) -> nn.Module:
+) -> ModuleT:
     """Set every BN's running mean and variance to its input's statistics over ``batches``.
 
     Acts in place (it only writes values, like ``model.train()``) and returns ``model``. Runs
@@ -235,14 +236,14 @@ def _run(
     measuring: set[int] = set()  # ids of the BNs measured in the current pass
     first_pass = True
 
-    def hook(bn: nn.Module, args: tuple[Any, ...]) -> None:
+    def hook(bn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if first_pass and all(b is not bn for b in order):
             order.append(bn)
             if mode == "eval" and len(order) == 1:
                 measuring.add(id(bn))  # eval mode, pass 1: only the first BN is exact
         if id(bn) not in measuring:
             return
-        x = args[0]
+        x = args[0] if args else next(iter(kwargs.values()))  # bn(x) or bn(input=x)
         axis = channel_axis_index(bn_axis(bn), x.ndim)
         n = x.numel() // max(x.shape[axis], 1)
         if n == 0:
@@ -251,7 +252,7 @@ def _run(
         stats.setdefault(id(bn), PopulationStatistics(stat_dtype(x.device))).update(mean, var, n)
 
     for _, bn in bns:
-        handles.append(bn.register_forward_pre_hook(hook))
+        handles.append(bn.register_forward_pre_hook(hook, with_kwargs=True))
 
     reread = isinstance(batches, Sequence)
     cache: list[Tensor] = []
