@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from bnlab.data import CLASS_NAMES, FashionMNIST, load_fashion_mnist
 from bnlab.lab.controversy import (
     NORMS,
+    SHUFFLE_SEED_OFFSET,
     NonstationaryNoise,
     build_model,
     full_gradient,
@@ -385,7 +386,7 @@ def test_run_probe_loss_is_the_step_loss(runs: list[dict[str, Any]]) -> None:
     params = runs[0]["params"]
     data = synthetic_data()
     model = build_model(params)
-    g = torch.Generator().manual_seed(params["seed"] + 0x5EED)
+    g = torch.Generator().manual_seed(params["seed"] + SHUFFLE_SEED_OFFSET)
     perm = torch.randperm(96, generator=g)[:32]
     x = data.train_images[perm].unsqueeze(1).float() / 255
     with torch.no_grad():
@@ -535,3 +536,16 @@ def test_bad_data_and_results() -> None:
         plot_controversy([{"norm": "bnlab"}], Path("unused"))
     with pytest.raises(TypeError, match=r"nn\.Sequential"):
         weight_layers(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("loss, plateau", [(2.29, True), (1.2, False), (None, False)])
+def test_verdict_flags_a_plateau(
+    runs: list[dict[str, Any]], loss: float | None, plateau: bool
+) -> None:
+    """A no-norm run whose final training loss is still near ln 10 is named as such."""
+    none = copy.deepcopy(runs[1])
+    none["history"][-1]["train_loss"] = loss
+    verdict = summarize_controversy([runs[0], none])[2]
+    assert ("had not left its initial plateau" in verdict) == plateau
+    if plateau:
+        assert "final training loss 2.29, chance ln 10 = 2.30" in verdict

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -91,6 +92,8 @@ DEFAULTS: Final[dict[str, Any]] = {
     "noise_std": 0.5,
     "device": "cpu",
 }
+CHANCE_LOSS: Final = math.log(10)  # cross-entropy of a uniform guess over the 10 classes
+PLATEAU_FRACTION: Final = 0.9  # a final training loss above 0.9 · ln 10: still on the plateau
 SHUFFLE_SEED_OFFSET: Final = 0x5EED  # shuffling and noise streams differ from the init stream
 NOISE_SEED_OFFSET: Final = 0x401CE
 PROBE_KEYS: Final[tuple[str, ...]] = (
@@ -784,6 +787,8 @@ def plot_controversy(
                     epochs, [s[1] for s in per], [s[2] for s in per], color=color, alpha=0.2, lw=0
                 )
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy")
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss (epoch mean)")
     ax_acc.legend(fontsize="small")
     ax_loss.legend(fontsize="small")
@@ -839,6 +844,10 @@ def _group_stats(runs: Sequence[Mapping[str, Any]], layers: list[str]) -> dict[s
     cos_all = [v for layer in layers for v in _pooled(runs, _column("ics_cos", layer))]
     return {
         "acc": [_num(r["final_test_acc"]) for r in runs],
+        "train_loss": _stat(
+            [v for r in runs if math.isfinite(v := _num(r["history"][-1]["train_loss"]))],
+            statistics.fmean,
+        ),
         "ics": ics,
         "ics_mean": _stat([v for v in ics.values() if math.isfinite(v)], statistics.fmean),
         "cos": _stat(cos_all, statistics.fmean),
@@ -931,6 +940,13 @@ def _verdict(by_norm: Mapping[str, Mapping[str, Any]], mixed: bool) -> str:
                     + (f"{ratio:.1f}× smaller" if ratio >= 1 else f"{1 / ratio:.1f}× larger")
                     + f" ({_g(a)} vs {_g(b)})"
                 )
+        loss = none["train_loss"]
+        if math.isfinite(loss) and loss > PLATEAU_FRACTION * CHANCE_LOSS:
+            parts.append(
+                f"but the network without norm had not left its initial plateau (final training "
+                f"loss {loss:.2f}, chance ln 10 = {CHANCE_LOSS:.2f}), so its flat landscape goes "
+                "with not learning"
+            )
     if not parts:
         return "No comparable results."
     sentence = "; ".join(parts)
