@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from bnlab.functional.checks import check_momentum
+from bnlab.functional.norms import check_positive_int
 from bnlab.functional.pit import normal_scores, pit_norm, quantile_levels
 from bnlab.nn.norms import ChannelNorm, LazyChannelNorm, LazyTensor, _batches_seen, _store
 
@@ -30,6 +31,7 @@ class PITNorm(ChannelNorm):
         num_features: int | None = None,
         *,
         num_quantiles: int = 32,
+        max_samples: int | None = 4096,
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
@@ -39,6 +41,9 @@ class PITNorm(ChannelNorm):
         super().__init__()
         check_momentum(momentum)
         self.num_quantiles = quantile_levels(num_quantiles).numel()  # validates
+        if max_samples is not None:
+            check_positive_int(max_samples, "max_samples", "Use e.g. 4096, or None for all.")
+        self.max_samples = max_samples
         self.momentum = momentum
         self.track_running_stats = track_running_stats
         if track_running_stats:
@@ -66,7 +71,8 @@ class PITNorm(ChannelNorm):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.num_features}, num_quantiles={self.num_quantiles}, momentum={self.momentum}, "
+            f"{self.num_features}, num_quantiles={self.num_quantiles}, "
+            f"max_samples={self.max_samples}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
 
@@ -79,6 +85,7 @@ class PITNorm(ChannelNorm):
             self.running_quantiles,
             training=self.training,
             num_quantiles=self.num_quantiles,
+            max_samples=self.max_samples,
             momentum=self.momentum,
             num_batches_tracked=_batches_seen(self, self.momentum),
         )
