@@ -8,6 +8,8 @@ run); one run per world size holds many cases, since each process start costs se
 from __future__ import annotations
 
 import copy
+import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,11 +261,14 @@ def test_process_group_limits_the_statistics(world3: list[dict[str, Any]]) -> No
 
 
 def _failing_worker() -> None:
-    """Two SyncBatchNorm layers; rank 1 raises between them, mid-step."""
+    """Two SyncBatchNorm layers; mid-step, rank 1 raises and rank 2 is killed (as by the OOM
+    killer); rank 0 waits in the second layer's collective."""
     first, second = SyncBatchNorm(3), SyncBatchNorm(3)
     h = first(torch.randn(4, 3))
     if dist.get_rank() == 1:
         raise ValueError("rank 1 fails on purpose")
+    if dist.get_rank() == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
     second(h)
 
 
@@ -274,10 +279,12 @@ def test_a_failing_rank_makes_the_others_fail_not_hang() -> None:
     assert err.first.rank == 1
     assert err.first.error_type == "ValueError"
     assert "rank 1 fails on purpose" in str(err)
-    for o in err.outcomes:
-        if o.rank != 1:  # the others raised on their own, with a message that points at a peer
-            assert o.error_type == "RuntimeError", o.summary()
-            assert "SyncBatchNorm: the all-gather of batch statistics" in o.error, o.error
+    survivor, killed = err.outcomes[0], err.outcomes[2]
+    # rank 0 raised on its own, with a message that points at its peers
+    assert survivor.error_type == "RuntimeError", survivor.summary()
+    assert "SyncBatchNorm: the all-gather of batch statistics" in survivor.error
+    assert "another process raised, crashed or is stuck" in survivor.error
+    assert "killed by SIGKILL" in killed.summary()
 
 
 # ---- one process: no process group, or a group of one -------------------------------------

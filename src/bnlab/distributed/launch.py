@@ -15,6 +15,7 @@ ends any process still running.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -53,7 +54,14 @@ class RankOutcome:
             return f"rank {self.rank}: ok"
         if self.error_type:
             return f"rank {self.rank}: {self.error_type}: {self.error}"
-        return f"rank {self.rank}: no result (exit code {self.exitcode}; killed or crashed)"
+        if self.exitcode is not None and self.exitcode < 0:
+            try:
+                how = f"killed by {signal.Signals(-self.exitcode).name}"
+            except ValueError:
+                how = f"killed by signal {-self.exitcode}"
+        else:
+            how = f"exit code {self.exitcode}, no result recorded"
+        return f"rank {self.rank}: {how}"
 
 
 class DistributedRunError(RuntimeError):

@@ -42,6 +42,27 @@ LossFn = Callable[..., Tensor]  # (logits, target, reduction=...) -> loss, as F.
 EvaluateFn = Callable[[nn.Module, Tensor, Tensor], float]  # accuracy of a model on (x, y)
 
 
+def ddp(
+    model: nn.Module, device: torch.device | str, *, process_group: ProcessGroup = None
+) -> DistributedDataParallel:
+    """``model`` in DistributedDataParallel on ``device`` (its GPU, or the CPU), without the
+    per-forward broadcast of rank 0's buffers: with SyncBatchNorm every process computes the
+    same running statistics itself."""
+    device = torch.device(device)
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    # newer torch names the per-forward buffer broadcast forward_sync_buffers
+    no_broadcast: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
+    return DistributedDataParallel(
+        model, device_ids=device_ids, process_group=process_group, **no_broadcast
+    )
+
+
 class SingleProcess:
     """The plan of a run on one process: every step is the identity."""
 
@@ -112,18 +133,7 @@ class DataParallel(SingleProcess):
                 "DataParallel.wrap: expected a model that contains its batch norms, got a bare "
                 f"{type(model).__name__}; wrap it in nn.Sequential first."
             )
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        if self.device.type == "cuda" and self.device.index is None:
-            device_ids = [torch.cuda.current_device()]
-        # newer torch names the per-forward buffer broadcast forward_sync_buffers
-        no_sync: dict[str, Any] = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-            else {"broadcast_buffers": False}
-        )
-        return DistributedDataParallel(
-            model, device_ids=device_ids, process_group=self.group, **no_sync
-        )
+        return ddp(model, self.device, process_group=self.group)
 
     def shard(self, batch_indices: Tensor) -> Tensor:
         """This process's part ``batch_indices[rank::world_size]`` of a global batch (it may be
@@ -182,4 +192,4 @@ def current_plan(
     return SingleProcess(loss)
 
 
-__all__ = ["DataParallel", "SingleProcess", "current_plan"]
+__all__ = ["DataParallel", "SingleProcess", "current_plan", "ddp"]
