@@ -161,22 +161,32 @@ def test_norm_factory_plugs_in_other_norms() -> None:
 def test_other_names_come_from_make_norm(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple] = []
 
-    def make_norm(name: str, num_features: int, num_dims: int = 4, **opts: object) -> nn.Module:
-        seen.append((name, num_features, num_dims, opts))
+    def make_norm(name: str, num_features: int, *, kind: str, **opts: object) -> nn.Module:
+        seen.append((name, num_features, kind, opts))
         return nn.Identity()
 
     monkeypatch.setattr(bnlab.nn, "make_norm", make_norm, raising=False)
     net = lenet("layer", norm_options={"eps": 0.01})
     assert len(net.norm_layers()) == 4
     assert seen[-4:] == [
-        ("layer", 6, 4, {"eps": 0.01}),
-        ("layer", 16, 4, {"eps": 0.01}),
-        ("layer", 120, 2, {"eps": 0.01}),
-        ("layer", 84, 2, {"eps": 0.01}),
+        ("layer", 6, "conv", {"eps": 0.01}),
+        ("layer", 16, "conv", {"eps": 0.01}),
+        ("layer", 120, "dense", {"eps": 0.01}),
+        ("layer", 84, "dense", {"eps": 0.01}),
     ]
     monkeypatch.delattr(bnlab.nn, "make_norm")
     with pytest.raises(ValueError, match=r"bnlab.*torch.*none.*'layer'"):
         lenet("layer")
+
+
+def test_the_norm_registry_by_name() -> None:
+    """Names other than bnlab/torch/none build through bnlab.nn.make_norm with kind set."""
+    net = lenet("group", norm_options={"num_groups": 2})
+    assert [type(m) for m in net.norm_layers()] == [bnlab.nn.GroupNorm] * 4
+    assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ValueError, match="instance"):
+        lenet("instance")  # needs spatial axes: the dense layers cannot take it
+    assert len(lenet("instance", norm_layers="conv").norm_layers()) == 2
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,9 @@ def _registry_norm(name: str, options: Mapping[str, Any]) -> NormFactory:
 
     def make(num_features: int, kind: LayerKind) -> nn.Module:
         extra = dict(options)
-        if "num_dims" in params:  # the input rank, as BatchNorm's num_dims
+        if "kind" in params:  # which input the layer sees: (N, C, H, W) or (N, C)
+            extra.setdefault("kind", kind)
+        elif "num_dims" in params:  # the same, as BatchNorm's input rank
             extra.setdefault("num_dims", 4 if kind == "conv" else 2)
         module = make_norm(name, num_features, **extra)
         if not isinstance(module, nn.Module):
