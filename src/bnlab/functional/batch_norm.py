@@ -221,13 +221,41 @@ def batch_norm(
         return BatchNormResult(y, running_mean, running_var)
 
     assert running_mean is not None and running_var is not None
-    w = conv.new_batch_weight(m, num_batches_tracked)
-    with torch.no_grad():
-        if conv.unbiased_running_var:
-            var = var * (count / (count - 1))
-        new_mean = (w * mean + (1.0 - w) * running_mean).to(running_mean.dtype)
-        new_var = (w * var + (1.0 - w) * running_var).to(running_var.dtype)
+    new_mean, new_var = running_update(
+        running_mean,
+        running_var,
+        mean,
+        var,
+        count,
+        convention=conv,
+        momentum=m,
+        num_batches_tracked=num_batches_tracked,
+    )
     return BatchNormResult(y, new_mean, new_var)
+
+
+def running_update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int | float | Tensor,
+    *,
+    convention: Convention,
+    momentum: float | None,
+    num_batches_tracked: int,
+) -> tuple[Tensor, Tensor]:
+    """One step of the running estimates (the module docstring's update):
+    ``r ← (1 - w)·r + w·s`` with ``w`` from the convention and ``s`` the batch mean and the
+    (biased or, for PyTorch's convention, unbiased) batch variance over ``count`` values
+    (a tensor count keeps the update on the device, without a host synchronization)."""
+    w = convention.new_batch_weight(momentum, num_batches_tracked)
+    with torch.no_grad():
+        if convention.unbiased_running_var:
+            var = var * (count / (count - 1))
+        new_mean = (w * mean.detach() + (1.0 - w) * running_mean).to(running_mean.dtype)
+        new_var = (w * var.detach() + (1.0 - w) * running_var).to(running_var.dtype)
+    return new_mean, new_var
 
 
 def channel_axis_index(channel_axis: int, ndim: int) -> int:

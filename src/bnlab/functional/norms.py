@@ -33,6 +33,7 @@ from bnlab.functional.batch_norm import (
     batch_norm,
     get_convention,
     resolve_momentum,
+    running_update,
 )
 from bnlab.functional.checks import (
     check_dtype_device,
@@ -127,29 +128,6 @@ def check_running(x: Tensor, running_mean: Tensor | None, running_var: Tensor | 
             f"running_mean={'None' if running_mean is None else 'tensor'}, "
             f"running_var={'None' if running_var is None else 'tensor'}."
         )
-
-
-def running_update(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: int,
-    *,
-    convention: Convention,
-    momentum: float | None,
-    num_batches_tracked: int,
-) -> tuple[Tensor, Tensor]:
-    """One step of the running estimates, exactly as :func:`bnlab.functional.batch_norm`:
-    ``r ← (1 - w)·r + w·s`` with ``w`` from the convention and ``s`` the batch mean and the
-    (biased or, for PyTorch's convention, unbiased) batch variance over ``count`` values."""
-    w = convention.new_batch_weight(momentum, num_batches_tracked)
-    with torch.no_grad():
-        if convention.unbiased_running_var:
-            var = var * (count / (count - 1))
-        new_mean = (w * mean.detach() + (1.0 - w) * running_mean).to(running_mean.dtype)
-        new_var = (w * var.detach() + (1.0 - w) * running_var).to(running_var.dtype)
-    return new_mean, new_var
 
 
 def reduce_dims(x: Tensor) -> list[int]:
