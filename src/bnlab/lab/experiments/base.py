@@ -48,6 +48,7 @@ def train_run(
     params_config = {
         "epochs": epochs or scale.epochs,
         "subset": scale.subset if subset == "scale" else subset,
+        "test_subset": scale.test_subset,
         "seed": seed,
         **config,
     }
