@@ -1,0 +1,112 @@
+"""The speed benchmark behind ``bnlab bench`` and docs/speed.md.
+
+Every batch-norm contender is timed on the same tensors in one process, interleaved, and
+reported as a median and a ratio to ``torch.nn.functional.batch_norm``; one BN-LeNet training
+epoch compares the layers end to end. :func:`run_benchmark` returns a :class:`BenchResult`
+that writes itself as JSON and as a markdown table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bnlab.bench.kernels import LARGE_SHAPES, LENET_SHAPES, SHAPES, bench_kernel, kernel_cases
+from bnlab.bench.lenet import NORMS, bench_lenet
+from bnlab.bench.report import BenchResult, machine_info
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how long (defaults: the full benchmark of docs/speed.md)."""
+
+    shapes: tuple[tuple[int, ...], ...] = SHAPES  # batch-norm inputs (N, C, *spatial)
+    reps: int = 41  # interleaved samples per contender; the median is reported
+    warmup: int = 5  # untimed calls per contender first
+    min_sample_s: float = 0.002  # a sample times enough calls to last this long
+    compiled: bool = True  # also time impl="fast_compiled" (compiles every case once)
+    lenet_norms: tuple[str, ...] = ("bnlab", "bnlab_compiled", "torch", "none")
+    lenet_images: int = 60000  # 0 skips the end-to-end epoch
+    lenet_rounds: int = 3  # epochs per norm, interleaved
+    batch_size: int = 256
+    device: str = "cpu"
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides: object) -> BenchConfig:
+        """A smoke run: every shape, few samples, a 4096-image epoch, no compilation."""
+        base = cls(
+            reps=5,
+            warmup=2,
+            min_sample_s=0.0005,
+            compiled=False,
+            lenet_norms=("bnlab", "torch", "none"),
+            lenet_images=4096,
+            lenet_rounds=1,
+        )
+        return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def run_benchmark(
+    config: BenchConfig, progress: Callable[[str], None] | None = None
+) -> BenchResult:
+    """Run every case of ``config``; ``progress`` gets one line per finished case."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: expected an available device, got {config.device!r} but "
+            "torch.cuda.is_available() is False. Use --device cpu."
+        )
+    for shape in config.shapes:
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"shapes: expected (N, C, *spatial) with positive sizes, got {shape}.")
+    unknown = [n for n in config.lenet_norms if n not in NORMS]
+    if unknown:
+        raise ValueError(f"lenet_norms: expected names from {sorted(NORMS)}, got {unknown}.")
+    result = BenchResult(machine_info(device), dataclasses.asdict(config))
+    say = progress or (lambda line: None)
+    for shape, cl, mode in kernel_cases(config.shapes):
+        k = bench_kernel(
+            shape,
+            channels_last=cl,
+            mode=mode,
+            device=device,
+            reps=config.reps,
+            warmup=config.warmup,
+            min_sample_s=config.min_sample_s,
+            compiled=config.compiled,
+            seed=config.seed,
+        )
+        result.kernels.append(k)
+        say(
+            f"{mode:5} {'×'.join(map(str, shape)):>14} {k.layout:13} "
+            + " ".join(f"{n}={t.median_s * 1e6:.0f}µs" for n, t in k.times.items())
+        )
+    if config.lenet_images:
+        norms = config.lenet_norms
+        if not config.compiled:
+            norms = tuple(n for n in norms if n != "bnlab_compiled")
+        for e in bench_lenet(
+            norms,
+            images=config.lenet_images,
+            rounds=config.lenet_rounds,
+            device=device,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        ):
+            result.lenet.append(e)
+            say(f"epoch {e.norm:14} {e.median_s:.2f}s (rounds: {e.seconds})")
+    return result
+
+
+__all__ = [
+    "LARGE_SHAPES",
+    "LENET_SHAPES",
+    "SHAPES",
+    "BenchConfig",
+    "BenchResult",
+    "run_benchmark",
+]

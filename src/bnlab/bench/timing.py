@@ -1,0 +1,73 @@
+"""Interleaved timing: every contender of a case is timed in turn, round after round, so that a
+slow spell of a shared machine hits all of them alike; each contender's time is its median."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median over ``samples`` samples of ``inner`` back-to-back calls."""
+
+    median_s: float
+    q1_s: float  # first and third quartile, to show the spread
+    q3_s: float
+    samples: int
+    inner: int
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for queued device work (CUDA is asynchronous), else does nothing."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    reps: int,
+    warmup: int,
+    min_sample_s: float,
+    sync: Callable[[], None],
+) -> dict[str, Timing]:
+    """Median seconds per call of each function in ``fns``, measured in interleaved rounds.
+
+    Each function first runs ``warmup`` times; a sample then times as many back-to-back calls
+    as fill ``min_sample_s`` (so that microsecond calls are not below the clock's resolution).
+    """
+    if reps < 1 or warmup < 0 or min_sample_s < 0:
+        raise ValueError(
+            f"expected reps >= 1, warmup >= 0 and min_sample_s >= 0, got reps={reps}, "
+            f"warmup={warmup}, min_sample_s={min_sample_s}."
+        )
+    inner: dict[str, int] = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        for _ in range(max(warmup, 1)):
+            fn()
+        sync()
+        one = (time.perf_counter() - start) / max(warmup, 1)
+        inner[name] = max(1, math.ceil(min_sample_s / one)) if one > 0 else 1
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            k = inner[name]
+            sync()
+            start = time.perf_counter()
+            for _ in range(k):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) / k)
+    out = {}
+    for name, ts in samples.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[name] = Timing(statistics.median(ts), q[0], q[2], len(ts), inner[name])
+    return out

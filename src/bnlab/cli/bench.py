@@ -1,0 +1,86 @@
+"""Time bnlab's batch norm against PyTorch's, the chapter's formula and a memory-traffic floor.
+
+Every contender runs on the same tensors in one process, interleaved; the table shows medians
+and ratios to torch.nn.functional.batch_norm, then one BN-LeNet training epoch per norm layer,
+then the performance goals met or not. See docs/speed.md for the measured numbers.
+
+examples:
+  bnlab bench                          # the full benchmark (about 10 minutes on 2 cores)
+  bnlab bench --quick                  # a smoke run: few samples, a small epoch, no compile
+  bnlab bench --out results/bench      # also write results/bench.md and results/bench.json
+  bnlab bench --device cuda --no-lenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from bnlab.bench import BenchConfig, run_benchmark
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="few samples, small epoch, no compile")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help="write PATH.md (table) and PATH.json (every number, machine, versions, date)",
+    )
+    parser.add_argument("--reps", type=int, help="interleaved samples per contender")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time impl='fast_compiled' too (default: yes, except with --quick)",
+    )
+    parser.add_argument("--no-lenet", action="store_true", help="skip the BN-LeNet epochs")
+    parser.add_argument("--lenet-rounds", type=int, help="epochs per norm layer")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    config = BenchConfig.quick() if args.quick else BenchConfig()
+    changes: dict[str, object] = {"device": args.device}
+    if args.reps is not None:
+        changes["reps"] = args.reps
+    if args.compile is not None:
+        changes["compiled"] = args.compile
+    if args.no_lenet:
+        changes["lenet_images"] = 0
+    if args.lenet_rounds is not None:
+        changes["lenet_rounds"] = args.lenet_rounds
+    for name in ("reps", "lenet_rounds"):
+        value = changes.get(name)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got {value}.")
+    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    try:
+        config = config_from_args(args)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads: expected a positive int, got {args.threads}.")
+            torch.set_num_threads(args.threads)
+        result = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr))
+    except ValueError as e:
+        print(f"bnlab bench: {e}", file=sys.stderr)
+        return 2
+    table = result.to_markdown()
+    print(table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(table, encoding="utf-8")
+        args.out.with_suffix(".json").write_text(
+            json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8"
+        )
+        print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
+    return 0
