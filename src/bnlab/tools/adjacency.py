@@ -31,7 +31,7 @@ from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
-from bnlab.tools.common import bn_axis, has_hooks, is_foldable_norm
+from bnlab.tools.common import bn_axis, check_module, has_hooks, is_foldable_norm
 
 Method = Literal["auto", "fx", "sequential"]
 METHODS: tuple[str, ...] = ("auto", "fx", "sequential")
@@ -220,6 +220,7 @@ def find_foldable(model: nn.Module, *, method: Method = "auto") -> FoldPlan:
     Returns a :class:`FoldPlan` with the pairs by qualified name and, for every other BN, the
     reason it was left alone. The model is not modified. Training mode is not checked here.
     """
+    check_module(model)
     before, fx_reasons, used = _candidates(model, method)
     counts = _use_counts(model)
     plan = FoldPlan(method=used)
