@@ -10,8 +10,9 @@ the chapter's BN-LeNet under DistributedDataParallel on their 1/P of every globa
 
 The two variants alternate in rounds (the same weights, data and order each time); every step
 is split into forward, backward (which includes DDP's gradient all-reduce) and optimizer step.
-A one-process run of the full batch gives the baseline, and the latency of the collectives
-themselves is measured alone (the message sizes SyncBatchNorm and DDP send for this model).
+One process on the full batch (with 1 thread, and with one per core) gives the baseline, and
+the latency of the collectives themselves is measured alone (the message sizes SyncBatchNorm
+and DDP send for this model).
 
     python benchmarks/bench_sync.py                       # 2 processes, batch 256
     python benchmarks/bench_sync.py --steps 50 --rounds 5 --json bench_sync.json
@@ -155,8 +156,11 @@ def _rank_main(batch: int, steps: int, warmup: int, rounds: int, iters: int) -> 
     }
 
 
-def _single_process(batch: int, steps: int, warmup: int, rounds: int) -> dict[str, list[float]]:
+def _single_process(
+    batch: int, steps: int, warmup: int, rounds: int, threads: int
+) -> dict[str, list[float]]:
     device = _device(0)
+    torch.set_num_threads(threads)
     x, y = _data(batch, device, seed=1)
     out: dict[str, list[float]] = {}
     for _ in range(rounds):
@@ -210,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         (args.batch, args.steps, args.warmup, args.rounds, args.iters),
         timeout_s=120,
     )
-    single = _single_process(args.batch, args.steps, args.warmup, args.rounds)
+    threads = sorted({1, os.cpu_count() or 1})
+    single = {
+        t: _single_process(args.batch, args.steps, args.warmup, args.rounds, t) for t in threads
+    }
     env["load_average_1min_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     rank0 = per_rank[0]["steps"]
@@ -222,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'variant':<28} {'forward':>7} {'backward':>8} {'step':>7} {'total':>7}")
     rows = {
-        f"1 process, batch {args.batch}": single,
+        **{f"1 process x {t} threads": single[t] for t in threads},
         f"{args.nproc} proc DDP, local BN": rank0["local"],
         f"{args.nproc} proc DDP, SyncBatchNorm": rank0["sync"],
     }
@@ -237,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, us in per_rank[0]["collectives_us"].items():
         print(f"  {name:<44} {us:8.1f}")
     if args.json:
-        payload = {"environment": env, "args": vars(args), "single": single, "ranks": per_rank}
+        payload = {
+            "environment": env,
+            "args": vars(args),
+            "single": {str(t): v for t, v in single.items()},
+            "ranks": per_rank,
+        }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)
     return 0

@@ -100,7 +100,7 @@ class _GlobalMoments(torch.autograd.Function):
         total = counts.sum()
         # combine around the largest batch's mean K: Σ n_p (μ_p - K) has no large terms, so a
         # big common mean costs no precision (Σ n_p μ_p would round at the scale of N·μ)
-        shift = means[counts.argmax()]  # (C,)
+        shift = means.index_select(0, counts.argmax().reshape(1))[0]  # (C,); no host sync
         delta = means - shift  # (P, C)
         offset = (counts * delta).sum(0) / total  # μ - K
         g_mean = shift + offset  # (C,)
