@@ -92,8 +92,10 @@ DEFAULTS: Final[dict[str, Any]] = {
     "noise_std": 0.5,
     "device": "cpu",
 }
-CHANCE_LOSS: Final = math.log(10)  # cross-entropy of a uniform guess over the 10 classes
-PLATEAU_FRACTION: Final = 0.9  # a final training loss above 0.9 · ln 10: still on the plateau
+# A probe whose batch loss is above 0.9 · ln 10 (the cross-entropy of a uniform guess over the
+# 10 classes) finds the network on its initial plateau, not learning yet.
+PLATEAU_LOSS: Final = 0.9 * math.log(10)
+SAME_RATIO: Final = 1.1  # medians within 10% of each other are reported as "about the same"
 SHUFFLE_SEED_OFFSET: Final = 0x5EED  # shuffling and noise streams differ from the init stream
 NOISE_SEED_OFFSET: Final = 0x401CE
 PROBE_KEYS: Final[tuple[str, ...]] = (
@@ -830,32 +832,42 @@ def _relative_ics(runs: Sequence[Mapping[str, Any]], layers: list[str]) -> list[
     return out
 
 
-def _group_stats(runs: Sequence[Mapping[str, Any]], layers: list[str]) -> dict[str, Any]:
-    def col(key: str) -> list[float]:
-        return _pooled(runs, _column(key))
+def _off_plateau(runs: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    """The values of probe column ``key`` at probes whose batch loss was below the plateau
+    level (:data:`PLATEAU_LOSS`), i.e. while the network was learning."""
+    out = []
+    for r in runs:
+        for loss, v in zip(r["probes"]["loss"], r["probes"][key], strict=True):
+            if _num(loss) < PLATEAU_LOSS and math.isfinite(_num(v)):
+                out.append(_num(v))
+    return out
 
+
+LANDSCAPE = (
+    ("loss_var", "loss_variation"),
+    ("pred", "grad_predictiveness"),
+    ("beta", "beta_smoothness"),
+)
+
+
+def _group_stats(runs: Sequence[Mapping[str, Any]], layers: list[str]) -> dict[str, Any]:
     ics = {
-        layer: _stat(
-            _pooled(runs, _column("ics_l2", layer)),
-            statistics.fmean,
-        )
-        for layer in layers
+        layer: _stat(_pooled(runs, _column("ics_l2", layer)), statistics.fmean) for layer in layers
     }
     cos_all = [v for layer in layers for v in _pooled(runs, _column("ics_cos", layer))]
-    return {
+    stats: dict[str, Any] = {
         "acc": [_num(r["final_test_acc"]) for r in runs],
-        "train_loss": _stat(
-            [v for r in runs if math.isfinite(v := _num(r["history"][-1]["train_loss"]))],
-            statistics.fmean,
-        ),
         "ics": ics,
         "ics_mean": _stat([v for v in ics.values() if math.isfinite(v)], statistics.fmean),
         "cos": _stat(cos_all, statistics.fmean),
         "rel": _stat(_relative_ics(runs, layers), statistics.fmean),
-        "loss_var": _stat(col("loss_variation"), statistics.median),
-        "pred": _stat(col("grad_predictiveness"), statistics.median),
-        "beta": _stat(col("beta_smoothness"), statistics.median),
+        "probes": sum(len(r["probes"]["loss"]) for r in runs),
+        "learning": len(_off_plateau(runs, "loss")),
     }
+    for short, key in LANDSCAPE:
+        stats[short] = _stat(_pooled(runs, _column(key)), statistics.median)
+        stats[short + "_off"] = _stat(_off_plateau(runs, key), statistics.median)
+    return stats
 
 
 def _g(v: float) -> str:
@@ -867,34 +879,41 @@ def summarize_controversy(
 ) -> tuple[list[str], list[list[str]], str]:
     """(headers, one row per norm, one-sentence verdict computed from the numbers).
 
-    Columns: final test accuracy (mean ± std over seeds, n), mean ||G − G'|| per layer, mean
-    cos(G, G') and mean ||G − G'|| / ||G|| over layers and probes, and the medians over all
-    probes of loss variation, gradient predictiveness and effective β-smoothness."""
+    Columns: final test accuracy (mean ± std over seeds, n); mean ||G − G'|| per layer; mean
+    cos(G, G') and mean ||G − G'|| / ||G|| over layers and probes; the medians of loss
+    variation, gradient predictiveness and effective β-smoothness over all probes and over the
+    probes "off the plateau" (batch loss below 0.9 · ln 10, where the network was learning).
+
+    The verdict compares BN with no norm off the plateau when both have such probes: a network
+    still on its initial plateau is flat along the gradient because it is not learning, which
+    says nothing about the landscape it trains on.
+    """
     groups = _group(results)
     if not groups:
         raise ValueError("results: expected at least one run_controversy result, got none.")
     layers = list(dict.fromkeys(name for r in results for name in r["layers"]))
+    off = "all / off plateau"
     headers = [
         "norm",
         "final test acc",
-        *[f"ICS ||G−G'|| {layer}" for layer in layers],
+        f"ICS ||G−G'|| ({' / '.join(layers)})",
         "ICS cos(G, G')",
         "ICS ||G−G'||/||G||",
-        "median loss variation",
-        "median grad. predictiveness",
-        "median β-smoothness",
+        f"median loss variation ({off})",
+        f"median grad. predictiveness ({off})",
+        f"median β-smoothness ({off})",
+        "probes off plateau",
     ]
     stats = {label: _group_stats(runs, layers) for label, runs in groups.items()}
     rows = [
         [
             label,
             _mean_std(s["acc"]),
-            *[_g(s["ics"][layer]) for layer in layers],
+            " / ".join(_g(s["ics"][layer]) for layer in layers),
             _g(s["cos"]),
             _g(s["rel"]),
-            _g(s["loss_var"]),
-            _g(s["pred"]),
-            _g(s["beta"]),
+            *[f"{_g(s[short])} / {_g(s[short + '_off'])}" for short, _ in LANDSCAPE],
+            f"{s['learning']} of {s['probes']}",
         ]
         for label, s in stats.items()
     ]
@@ -903,6 +922,18 @@ def summarize_controversy(
         per_norm[runs[0]["params"]["norm"]].extend(runs)
     by_norm = {norm: _group_stats(runs, layers) for norm, runs in per_norm.items()}
     return headers, rows, _verdict(by_norm, len(groups) > len(by_norm))
+
+
+def _compare(what: str, a: float, b: float) -> str | None:
+    """'its <what> was N× smaller (a vs b)': BN's value a against no norm's b."""
+    if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
+        return None
+    ratio = b / a
+    if 1 / SAME_RATIO < ratio < SAME_RATIO:
+        how = "about the same"
+    else:
+        how = f"{ratio:.1f}× smaller" if ratio > 1 else f"{1 / ratio:.1f}× larger"
+    return f"its {what} was {how} ({_g(a)} vs {_g(b)})"
 
 
 def _verdict(by_norm: Mapping[str, Mapping[str, Any]], mixed: bool) -> str:
@@ -931,20 +962,27 @@ def _verdict(by_norm: Mapping[str, Mapping[str, Any]], mixed: bool) -> str:
             f"{_g(none['ics_mean'])} without norm, mean cos(G, G') {bn['cos']:.3f} vs "
             f"{none['cos']:.3f})"
         )
-        for key, what in (("loss_var", "loss variation"), ("pred", "gradient change")):
-            a, b = bn[key], none[key]
-            if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0:
-                ratio = b / a
-                parts.append(
-                    f"its median {what} along the gradient was "
-                    + (f"{ratio:.1f}× smaller" if ratio >= 1 else f"{1 / ratio:.1f}× larger")
-                    + f" ({_g(a)} vs {_g(b)})"
-                )
-        loss = none["train_loss"]
-        if math.isfinite(loss) and loss > PLATEAU_FRACTION * CHANCE_LOSS:
+        learning = bn["learning"] > 0 and none["learning"] > 0
+        suffix = "_off" if learning else ""
+
+        def pair(short: str) -> tuple[float, float]:
+            return bn[short + suffix], none[short + suffix]
+
+        where = (
+            f"while learning (batch loss < {PLATEAU_LOSS:.2f}; {bn['learning']} and "
+            f"{none['learning']} probes)"
+            if learning
+            else "over all probes"
+        )
+        compared = (
+            _compare(f"median loss variation along the gradient {where}", *pair("loss_var")),
+            _compare("median gradient change along the gradient", *pair("pred")),
+        )
+        parts += [c for c in compared if c is not None]
+        if none["learning"] == 0:
             parts.append(
-                f"but the network without norm had not left its initial plateau (final training "
-                f"loss {loss:.2f}, chance ln 10 = {CHANCE_LOSS:.2f}), so its flat landscape goes "
+                f"but the network without norm never left its initial plateau (batch loss >= "
+                f"{PLATEAU_LOSS:.2f} at all {none['probes']} probes), so its flat landscape goes "
                 "with not learning"
             )
     if not parts:
