@@ -25,10 +25,15 @@ Loss landscape along the gradient, for η in η₀ · step_sizes::
     grad_predictiveness = max_η ||∇L_B(w - η g) - ∇L_B(w)||₂          (gradient predictiveness)
     beta_smoothness     = max_η ||∇L_B(w - η g) - ∇L_B(w)||₂ / ||η g||₂  ("effective" β-smoothness)
 
-Lower is smoother for all three. All probes run in training mode (batch statistics), on the
-same batch and with the same noise sample, through ``torch.func.functional_call`` on copies of
-the parameters and buffers: the model, its BN running statistics, its ``.grad`` fields and
-every random generator are left exactly as they were.
+Lower is smoother for all three. A network on its initial plateau (batch loss near ln 10, as the
+sigmoid LeNet without norm for its first few hundred steps at lr 1) is flat along the gradient
+because it is not learning, so :func:`summarize_controversy` also reports, and its verdict
+compares, the probes "off the plateau" (batch loss below 0.9 · ln 10).
+
+All probes run in training mode (batch statistics), on the same batch and with the same noise
+sample, through ``torch.func.functional_call`` on copies of the parameters and buffers: the
+model, its BN running statistics, its ``.grad`` fields and every random generator are left
+exactly as they were.
 
 Parameters (``run_controversy(params, data)``; missing keys take these defaults)::
 
