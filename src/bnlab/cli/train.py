@@ -21,6 +21,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from bnlab.distributed.cli import add_arguments as add_distributed_arguments
+from bnlab.distributed.cli import run_distributed
 from bnlab.train.checkpoint import CheckpointError, load_checkpoint
 from bnlab.train.config import (
     ConfigError,
@@ -58,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="show a progress bar per epoch (default: only on a terminal)",
     )
+    add_distributed_arguments(parser)
 
 
 def _row(stats: EpochStats) -> str:
@@ -148,6 +151,10 @@ def _start(args: argparse.Namespace) -> TrainResult:
 
 def run(args: argparse.Namespace) -> int:
     from bnlab.data import DataError
+
+    code = run_distributed(run, args)  # --nproc N / torchrun: every rank runs run(args)
+    if code is not None:
+        return code
 
     try:
         result = _start(args)

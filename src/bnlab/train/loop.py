@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnlab.distributed import current_plan
 from bnlab.models import LeNet, init_weights, lenet
 from bnlab.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from bnlab.train.config import ConfigError, TrainConfig
@@ -161,10 +162,12 @@ def train_epoch(
     progress: bool | None = False,
     desc: str = "train",
     step_hook: Callable[[int], None] | None = None,
+    shard: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[float, float, int]:
     """One pass over ``x`` (N, 1, H, W) in a fresh random order; returns (mean loss, accuracy,
     examples used). ``progress``: a tqdm bar (None: only on a terminal). ``step_hook(step)``
-    runs after each optimizer step (1-based)."""
+    runs after each optimizer step (1-based). ``shard(indices)``: the part of each batch this
+    process trains on, in a data-parallel run (bnlab.distributed)."""
     model.train()
     device = x.device
     # A CPU generator gives the same order on every device; (N,) int64, moved once.
@@ -183,7 +186,7 @@ def train_epoch(
             bar = None
     last_refresh = time.monotonic()
     for step, (a, b) in enumerate(bounds, start=1):
-        idx = perm[a:b]
+        idx = perm[a:b] if shard is None else shard(perm[a:b])
         xb, yb = x[idx], y[idx]  # (B, 1, H, W), (B,)
         logits = model(xb)  # (B, classes)
         loss = loss_fn(logits, yb)
@@ -327,6 +330,7 @@ def _fit(
 ) -> TrainResult:
     """The loop proper; runs inside the caller's ``fork_rng`` after ``manual_seed``."""
     device = torch.device(config.device)
+    plan = current_plan(device)  # data-parallel when torch.distributed runs several processes
     train_x, train_y, test_x, test_y, data_info = tensors
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
@@ -337,22 +341,26 @@ def _fit(
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], shuffle, device)
         history = [EpochStats.from_dict(row) for row in state["history"]]
+    net = plan.wrap(model)  # SyncBatchNorm + DDP; `model` itself is evaluated and saved
     env = {**environment(device), **data_info}
     for epoch in range(len(history) + 1, config.epochs + 1):
         t0 = time.perf_counter()
         loss, acc, seen = train_epoch(
-            model,
+            net,
             optimizer,
             train_x,
             train_y,
             batch_size=config.batch_size,
             generator=shuffle,
-            progress=progress,
+            progress=progress if plan.is_main else False,
             desc=f"epoch {epoch}/{config.epochs}",
             step_hook=_kill_hook(epoch),
+            loss_fn=plan.loss_fn,
+            shard=plan.shard,
         )
+        loss, acc = plan.reduce_epoch(loss, acc)
         t1 = time.perf_counter()  # train_epoch ended with a device sync (.item())
-        test_acc = evaluate(model, test_x, test_y)
+        test_acc = plan.evaluate(evaluate, model, test_x, test_y)
         stats = EpochStats(
             epoch=epoch,
             train_loss=loss,
@@ -363,6 +371,8 @@ def _fit(
             eval_seconds=time.perf_counter() - t1,
         )
         history.append(stats)
+        if not plan.is_main:  # files and callbacks: rank 0 only
+            continue
         rows = [h.to_dict() for h in history]
         save_checkpoint(
             run.checkpoint,
@@ -378,7 +388,7 @@ def _fit(
         write_metrics(run, rows, env)
         if on_epoch is not None:
             on_epoch(stats)
-    if history:
+    if history and plan.is_main:
         rows = [h.to_dict() for h in history]
         write_metrics(run, rows, env)
         title = f"norm={config.norm}, lr={config.lr}, batch={config.batch_size}"
@@ -411,13 +421,15 @@ def train(
     """
     device = resolve_device(config.device)
     out = Path(config.out) if config.out is not None else default_out(config.norm)
+    out = Path(current_plan().agree(str(out)))  # every process: rank 0's directory
     config = dataclasses.replace(config, out=str(out), device=str(device))
     tensors = _tensors(config, data, device, progress)  # data errors before any file is made
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(config.seed)
         model = build_model(config)
-        run = create_run_dir(out)
-        write_config(run, config)
+        run = create_run_dir(out) if current_plan().is_main else RunDir(out)
+        if current_plan().is_main:
+            write_config(run, config)
         return _fit(config, run, tensors, model, None, progress=progress, on_epoch=on_epoch)
 
 
@@ -458,7 +470,8 @@ def resume(
     device = resolve_device(overrides.get("device", config.device))
     config = dataclasses.replace(config, **{**overrides, "device": str(device)})
     tensors = _tensors(config, data, device, progress)
-    write_config(run, config)
+    if current_plan().is_main:
+        write_config(run, config)
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(config.seed)
         model = build_model(config)  # then overwritten by the checkpoint, if there is one
