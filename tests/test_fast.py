@@ -23,7 +23,7 @@ from bnlab.functional.batch_norm import TRAIN_KERNELS
 from bnlab.nn import BatchNorm
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-FAST_IMPLS = ("fast", "fast_eager", "fast_compiled")
+FAST_IMPLS = ("fast", "fast_compiled", "fast_auto")
 
 
 def assert_close(
@@ -90,7 +90,7 @@ def compare(impl: str, x: Tensor, affine: bool, dtype: torch.dtype) -> None:
     # its error is relative to the size of the terms, |s|·|dy|, not of the result
     dims = [0, *range(2, x.ndim)]
     invstd = (x.double().var(dim=dims, unbiased=False) + 1e-5).rsqrt().max().item()
-    w_max = grads_ref[1] is not None and 2.0 or 1.0  # run_train draws γ in [0.5, 1.5)
+    w_max = 1.5 if grads_ref[1] is not None else 1.0  # run_train draws γ in [0.5, 1.5)
     terms = invstd * w_max * g.double().abs().max().item()
     for name, a, e in zip(("dx", "dweight", "dbias"), grads, grads_ref, strict=True):
         assert (a is None) == (e is None), name
@@ -130,17 +130,17 @@ def cases(draw: st.DrawFn) -> tuple[tuple[int, ...], torch.dtype, bool, bool, in
 
 @settings(max_examples=60)
 @given(cases())
-def test_fast_eager_equals_reference(case: tuple) -> None:
+def test_fast_equals_reference(case: tuple) -> None:
     shape, dtype, affine, channels_last, seed = case
-    compare("fast_eager", make_input(shape, dtype, channels_last, seed), affine, dtype)
+    compare("fast", make_input(shape, dtype, channels_last, seed), affine, dtype)
 
 
 @settings(max_examples=30)
 @given(cases())
-def test_fast_default_policy_equals_reference(case: tuple) -> None:
+def test_fast_auto_equals_reference_and_a_short_run_never_compiles(case: tuple) -> None:
     shape, dtype, affine, channels_last, seed = case
     with fast_mod.fresh_kernel_cache():
-        compare("fast", make_input(shape, dtype, channels_last, seed), affine, dtype)
+        compare("fast_auto", make_input(shape, dtype, channels_last, seed), affine, dtype)
         assert all(c.compile_s is None for c in fast_mod.kernel_cases()), "a short run compiled"
 
 
@@ -188,7 +188,7 @@ def test_matches_torch_batch_norm(impl: str) -> None:
 def test_hand_computed_case() -> None:
     # one channel, values 1, 2, 3, 4: mean 2.5, biased var 1.25
     x = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64, requires_grad=True)
-    y, mean, var = fast_mod.fast_eager_train(x, None, None, 0.0)
+    y, mean, var = fast_mod.fast_train(x, None, None, 0.0)
     assert mean.item() == 2.5 and var.item() == 1.25
     expected = (torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64) - 2.5) / 1.25**0.5
     torch.testing.assert_close(y, expected)
@@ -204,9 +204,9 @@ def test_hand_computed_case() -> None:
 @pytest.mark.parametrize(
     ("impl", "shape", "channels_last"),
     [
-        ("fast_eager", (64, 3, 20, 20), False),
-        ("fast_eager", (64, 3, 20, 20), True),
-        ("fast_eager", (512, 3), False),
+        ("fast", (64, 3, 20, 20), False),
+        ("fast", (64, 3, 20, 20), True),
+        ("fast", (512, 3), False),
         ("fast_compiled", (64, 3, 20, 20), False),  # one compiled layout: the same math
     ],
 )
@@ -268,7 +268,7 @@ def test_gradient_in_another_memory_format() -> None:
             memory_format=torch.contiguous_format if channels_last else torch.channels_last
         )
         grads = []
-        for impl in ("fast_eager", "reference"):
+        for impl in ("fast", "reference"):
             xr = x.clone().requires_grad_()
             batch_norm(xr, training=True, impl=impl).y.backward(g)
             grads.append(xr.grad)
@@ -278,14 +278,14 @@ def test_gradient_in_another_memory_format() -> None:
 
 def test_odd_strides_are_copied_not_mishandled() -> None:
     x = make_input((4, 3, 6, 5), torch.float32, False, 8).transpose(2, 3)  # neither format
-    compare("fast_eager", x, True, torch.float32)
+    compare("fast", x, True, torch.float32)
 
 
 def test_half_input_with_float32_parameters() -> None:
     x = make_input((6, 3, 4), torch.float16, False, 9).requires_grad_()
     w = torch.rand(3).add(0.5).requires_grad_()
     b = torch.randn(3).requires_grad_()
-    y, mean, var = fast_mod.fast_eager_train(x, w, b, 1e-5)
+    y, mean, var = fast_mod.fast_train(x, w, b, 1e-5)
     assert y.dtype == torch.float16 and mean.dtype == var.dtype == torch.float32
     y.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float16
@@ -297,12 +297,12 @@ def test_half_input_with_float32_parameters() -> None:
 def test_statistics_and_no_grad_call() -> None:
     x = make_input((8, 3, 4), torch.float32, False, 10)
     with torch.no_grad():
-        y, mean, var = fast_mod.fast_eager_train(x, None, None, 1e-5)
+        y, mean, var = fast_mod.fast_train(x, None, None, 1e-5)
     assert not y.requires_grad
     torch.testing.assert_close(mean, x.mean(dim=(0, 2)))
     torch.testing.assert_close(var, x.var(dim=(0, 2), unbiased=False))
     xr = x.clone().requires_grad_()
-    y, mean, var = fast_mod.fast_eager_train(xr, None, None, 1e-5)
+    y, mean, var = fast_mod.fast_train(xr, None, None, 1e-5)
     assert y.requires_grad and not mean.requires_grad and not var.requires_grad
 
 
@@ -367,17 +367,17 @@ def test_policy_compiles_once_eager_time_reaches_the_estimate(
     monkeypatch.setattr(fast_mod, "INITIAL_COMPILE_ESTIMATE_S", 0.05)
     x = make_input((16, 3, 8), torch.float32, False, 12)
     with fast_mod.fresh_kernel_cache():
-        fast_mod.fast_train(x, None, None, 1e-5)
+        fast_mod.fast_auto_train(x, None, None, 1e-5)
         (case,) = fast_mod.kernel_cases()
         assert case.fn is None and case.eager_s > 0  # one call: far below the estimate
         while case.eager_s < 0.05:
-            fast_mod.fast_train(x, None, None, 1e-5)
+            fast_mod.fast_auto_train(x, None, None, 1e-5)
         assert case.fn is None
-        fast_mod.fast_train(x, None, None, 1e-5)  # reaches the estimate: compiles now
+        fast_mod.fast_auto_train(x, None, None, 1e-5)  # reaches the estimate: compiles now
         assert built == [1] and case.fn is not None and case.compile_s is not None
         assert fast_mod.compile_estimate_s() == case.compile_s  # measured, replaces the guess
         eager_s = case.eager_s
-        y, _, _ = fast_mod.fast_train(x, None, None, 1e-5)
+        y, _, _ = fast_mod.fast_auto_train(x, None, None, 1e-5)
         assert case.eager_s == eager_s  # the kernel ran, not the eager path
         torch.testing.assert_close(y, batch_norm(x, training=True).y)
     assert fast_mod.kernel_cases() == [] or all(
@@ -385,15 +385,15 @@ def test_policy_compiles_once_eager_time_reaches_the_estimate(
     )  # the fresh cache is gone afterwards
 
 
-def test_eager_policy_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(fn, args):  # type: ignore[no-untyped-def]
-        raise AssertionError("fast_eager compiled")
+        raise AssertionError("impl='fast' compiled")
 
     monkeypatch.setattr(fast_mod, "_compile", fail)
     monkeypatch.setattr(fast_mod, "INITIAL_COMPILE_ESTIMATE_S", 0.0)
     with fast_mod.fresh_kernel_cache():
         xr = make_input((8, 3), torch.float32, False, 13).requires_grad_()
-        fast_mod.fast_eager_train(xr, None, None, 1e-5)[0].sum().backward()
+        fast_mod.fast_train(xr, None, None, 1e-5)[0].sum().backward()
 
 
 def test_compile_failure_warns_once_and_stays_correct(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -410,15 +410,6 @@ def test_compile_failure_warns_once_and_stays_correct(monkeypatch: pytest.Monkey
         assert all(c.failed and c.fn is None for c in fast_mod.kernel_cases())
 
 
-def test_kernels_are_registered_and_the_default() -> None:
-    import inspect
-
-    import bnlab.nn.batchnorm
-
+def test_kernels_are_registered() -> None:
     for name in (*FAST_IMPLS, "reference"):
         assert name in TRAIN_KERNELS
-    assert inspect.signature(batch_norm).parameters["impl"].default == "fast"
-    assert (
-        inspect.signature(bnlab.nn.batchnorm.BatchNorm.__init__).parameters["impl"].default
-        == "fast"
-    )

@@ -2,8 +2,8 @@
 
 Contenders (training: forward and backward to x, γ and β; eval: forward only, without grad):
 
+    fast           bnlab.batch_norm(impl="fast"), the default: eager analytic kernel
     fast_compiled  bnlab.batch_norm(impl="fast_compiled"), after its compile (timed apart)
-    fast_eager     bnlab.batch_norm(impl="fast_eager")
     reference      bnlab.batch_norm(impl="reference"), autograd through the readable math
     naive          the chapter's from-scratch formula, through autograd
     torch          torch.nn.functional.batch_norm, PyTorch's C++/CUDA kernel
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnlab.bench.timing import Timing, synchronizer, time_interleaved
-from bnlab.functional import fast
+from bnlab.functional import fast as fast  # registers the fast kernels
 from bnlab.functional.batch_norm import batch_norm
 
 Mode = Literal["train", "eval"]
@@ -176,9 +176,9 @@ def _contenders(
         y = F.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=eps)
         return torch.autograd.grad(y, params, g)
 
+    fns["fast"] = bnlab("fast")
     if compiled:
         fns["fast_compiled"] = bnlab("fast_compiled")
-    fns["fast_eager"] = bnlab("fast_eager")
     fns["reference"] = bnlab("reference")
     fns["naive"] = naive
     fns["torch"] = builtin
@@ -231,7 +231,6 @@ __all__ = [
     "SHAPES",
     "KernelResult",
     "bench_kernel",
-    "fast",
     "kernel_cases",
     "naive_batch_norm",
 ]

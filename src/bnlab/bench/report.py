@@ -14,7 +14,7 @@ import torch
 from bnlab.bench.kernels import BASELINE, LARGE_SHAPES, LENET_SHAPES, KernelResult
 from bnlab.bench.lenet import EpochResult
 
-TRAIN_NAMES = ("fast_compiled", "fast_eager", "reference", "naive", "torch", "floor")
+TRAIN_NAMES = ("fast", "fast_compiled", "reference", "naive", "torch", "floor")
 EVAL_NAMES = ("bnlab", "naive", "torch", "floor")
 
 
@@ -71,7 +71,7 @@ class BenchResult:
         """The performance goals, the training ones for each fast kernel that was measured."""
         trains = [k for k in self.kernels if k.mode == "train"]
         evals = [k for k in self.kernels if k.mode == "eval"]
-        names = [n for n in ("fast_compiled", "fast_eager") if trains and n in trains[0].times]
+        names = [n for n in ("fast", "fast_compiled") if trains and n in trains[0].times]
         goals: list[Goal] = []
         for name in names:
             worst = max(trains, key=lambda k: k.ratio(name))

@@ -38,26 +38,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="time impl='fast_compiled' too (default: yes, except with --quick)",
     )
+    parser.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        metavar="N×C[×H×W],...",
+        help="batch-norm input shapes, e.g. 256x6x24x24,256x120 (default: the LeNet and the "
+        "large conv shapes of docs/speed.md)",
+    )
     parser.add_argument("--no-lenet", action="store_true", help="skip the BN-LeNet epochs")
+    parser.add_argument("--lenet-images", type=int, help="images per BN-LeNet epoch")
     parser.add_argument("--lenet-rounds", type=int, help="epochs per norm layer")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
+    """ "256x6x24x24,256x120" -> ((256, 6, 24, 24), (256, 120))."""
+    shapes = []
+    for part in text.split(","):
+        try:
+            shape = tuple(int(s) for s in part.lower().replace("×", "x").split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) < 2 or min(shape) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected shapes like 256x6x24x24,256x120 (N, C, then spatial sizes, all "
+                f"positive), got {part!r}."
+            )
+        shapes.append(shape)
+    return tuple(shapes)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     config = BenchConfig.quick() if args.quick else BenchConfig()
     changes: dict[str, object] = {"device": args.device}
-    if args.reps is not None:
-        changes["reps"] = args.reps
+    for flag, name, minimum in (
+        ("--reps", "reps", 1),
+        ("--lenet-rounds", "lenet_rounds", 1),
+        ("--lenet-images", "lenet_images", 2),
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            if value < minimum:
+                raise ValueError(f"{flag}: expected an int >= {minimum}, got {value}.")
+            changes[name] = value
     if args.compile is not None:
         changes["compiled"] = args.compile
+    if args.shapes is not None:
+        changes["shapes"] = args.shapes
     if args.no_lenet:
         changes["lenet_images"] = 0
-    if args.lenet_rounds is not None:
-        changes["lenet_rounds"] = args.lenet_rounds
-    for name in ("reps", "lenet_rounds"):
-        value = changes.get(name)
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got {value}.")
     return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 

@@ -24,7 +24,7 @@ __all__ = [
     "scale_shift",
 ]
 
-from bnlab.functional import fast as fast  # registers impl="fast", "fast_eager", ...
+from bnlab.functional import fast as fast  # registers impl="fast", "fast_compiled", ...
 from bnlab.functional.norms import (
     batch_renorm,
     ghost_batch_norm,

@@ -27,15 +27,19 @@ their own dtype; the statistics are float32.
 
 Kernels, registered for ``batch_norm(..., impl=...)``:
 
-    "fast"           eager until a case's compilation pays (below), then compiled
-    "fast_eager"     never compiles
+    "fast"           eager, never compiles (the default of batch_norm and BatchNorm)
     "fast_compiled"  compiles each case on its first call
+    "fast_auto"      eager until a case's compilation pays (below), then compiled
+
+Compiled and eager kernels round differently (a few float32 ulps), so a run stays bitwise
+reproducible, and resumes exactly, with "fast" or "fast_compiled"; "fast_auto" switches kernels
+after a time that depends on the machine's speed.
 
 A *case* is (forward or backward, layout, view shape, dtype, device, affine, ε). Compiled
 kernels come from ``make_fx`` + ``torch._inductor.compile`` (C++/OpenMP on CPU, Triton on CUDA),
 keyed by the case, so a call pays one dict lookup instead of TorchDynamo's guards.
 
-When compilation pays ("fast"): a case is compiled once the eager time already spent on it
+When compilation pays ("fast_auto"): a case is compiled once the eager time already spent on it
 reaches the expected compile time (the last compile time measured in this process, or
 :data:`INITIAL_COMPILE_ESTIMATE_S` before the first). This is the rent-or-buy rule: a run never
 spends on compiling more than it has already spent running that case eagerly, so compilation
@@ -221,7 +225,7 @@ def fresh_kernel_cache() -> Iterator[None]:
 
 
 def compile_estimate_s() -> float:
-    """The expected seconds to compile one kernel, used by the "fast" policy."""
+    """The expected seconds to compile one kernel, used by the "fast_auto" policy."""
     return INITIAL_COMPILE_ESTIMATE_S if _last_compile_s is None else _last_compile_s
 
 
@@ -438,14 +442,7 @@ def _fast_train(
 def fast_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``impl="fast"``: eager, compiled per case once compilation pays (module docstring)."""
-    return _fast_train(x, weight, bias, eps, "auto")
-
-
-def fast_eager_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``impl="fast_eager"``: the analytic kernel, never compiled."""
+    """``impl="fast"``: the analytic kernel in eager PyTorch operations, never compiled."""
     return _fast_train(x, weight, bias, eps, "eager")
 
 
@@ -456,17 +453,24 @@ def fast_compiled_train(
     return _fast_train(x, weight, bias, eps, "compiled")
 
 
+def fast_auto_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``impl="fast_auto"``: eager, each case compiled once compilation pays (module docstring)."""
+    return _fast_train(x, weight, bias, eps, "auto")
+
+
 register_train_kernel("fast", fast_train)
-register_train_kernel("fast_eager", fast_eager_train)
 register_train_kernel("fast_compiled", fast_compiled_train)
+register_train_kernel("fast_auto", fast_auto_train)
 
 __all__ = [
     "INITIAL_COMPILE_ESTIMATE_S",
     "CaseStats",
     "clear_kernel_cache",
     "compile_estimate_s",
+    "fast_auto_train",
     "fast_compiled_train",
-    "fast_eager_train",
     "fast_train",
     "fresh_kernel_cache",
     "kernel_cases",

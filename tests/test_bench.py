@@ -1,0 +1,150 @@
+"""The benchmark in a tiny configuration: the structure of its table and JSON, not its speed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab.bench import BenchConfig, run_benchmark
+from bnlab.bench.kernels import naive_batch_norm
+from bnlab.bench.timing import time_interleaved
+from bnlab.cli import main
+
+TINY = BenchConfig(
+    shapes=((8, 3, 4, 4), (16, 5)),
+    reps=3,
+    warmup=1,
+    min_sample_s=0.0,
+    compiled=False,
+    lenet_norms=("bnlab", "torch", "none"),
+    lenet_images=96,
+    lenet_rounds=1,
+    batch_size=64,
+)
+
+
+def test_tiny_run_has_every_case_and_contender() -> None:
+    lines: list[str] = []
+    result = run_benchmark(TINY, progress=lines.append)
+    # (8,3,4,4): contiguous and channels_last, train and eval; (16,5): train and eval
+    cases = [(k.shape, k.layout, k.mode) for k in result.kernels]
+    assert cases == [
+        ((8, 3, 4, 4), "contiguous", "train"),
+        ((8, 3, 4, 4), "contiguous", "eval"),
+        ((8, 3, 4, 4), "channels_last", "train"),
+        ((8, 3, 4, 4), "channels_last", "eval"),
+        ((16, 5), "contiguous", "train"),
+        ((16, 5), "contiguous", "eval"),
+    ]
+    for k in result.kernels:
+        expected = (
+            {"fast", "reference", "naive", "torch", "floor"}
+            if k.mode == "train"
+            else {"bnlab", "naive", "torch", "floor"}
+        )
+        assert set(k.times) == expected
+        assert k.ratio("torch") == 1.0
+        for t in k.times.values():
+            assert t.samples == 3 and t.median_s > 0 and t.q1_s <= t.median_s <= t.q3_s
+    assert [e.norm for e in result.lenet] == ["bnlab", "torch", "none"]
+    assert all(len(e.seconds) == 1 and e.seconds[0] > 0 for e in result.lenet)
+    assert len(lines) == len(result.kernels) + len(result.lenet)
+
+    data = json.loads(json.dumps(result.to_json()))  # JSON-serializable as is
+    assert {"date", "cpu", "cores", "torch", "torch_threads", "device"} <= set(data["machine"])
+    assert data["machine"]["torch"] == torch.__version__
+    assert len(data["kernels"]) == 6 and len(data["lenet"]) == 3
+    row = data["kernels"][0]
+    assert row["ratio_to_torch"]["torch"] == 1.0
+    assert math.isclose(
+        row["ratio_to_torch"]["fast"],
+        row["times"]["fast"]["median_s"] / row["times"]["torch"]["median_s"],
+    )
+    names = [g["name"] for g in data["goals"]]
+    # the LeNet and large-shape goals need those shapes; these tiny ones give only the others
+    assert names == [
+        "training fwd+bwd, fast, every case",
+        "eval forward, bnlab, every case",
+        "BN-LeNet epoch, bnlab",
+    ]
+    assert all(isinstance(g["met"], bool) for g in data["goals"])
+
+    table = result.to_markdown()
+    for heading in ("## Training", "## Eval", "## BN-LeNet training epoch", "## Goals"):
+        assert heading in table
+    assert "| 8×3×4×4 | channels_last |" in table and "| 16×5 | contiguous |" in table
+
+
+def test_cli_writes_markdown_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results" / "bench"
+    args = ["bench", "--quick", "--shapes", "6x2x3x3", "--reps", "2", "--lenet-images", "64"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    md = (tmp_path / "results" / "bench.md").read_text()
+    data = json.loads((tmp_path / "results" / "bench.json").read_text())
+    assert md in printed
+    assert [tuple(k["shape"]) for k in data["kernels"]] == [(6, 2, 3, 3)] * 4
+    assert data["config"]["compiled"] is False  # --quick does not compile
+    assert [e["norm"] for e in data["lenet"]] == ["bnlab", "torch", "none"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shapes", "256x"], "expected shapes like"),
+        (["--reps", "0"], "--reps: expected an int >= 1"),
+        (["--lenet-images", "1"], "--lenet-images: expected an int >= 2"),
+    ],
+)
+def test_cli_rejects_bad_options(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["bench", "--quick", *args])
+    except SystemExit as e:  # argparse's own type errors exit with 2
+        code = int(e.code or 0)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_naive_formula_is_the_chapters() -> None:
+    """The benchmarked naive contender computes batch norm (against torch's, as an oracle)."""
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    gamma = torch.rand(1, 3, 1, 1, dtype=torch.float64) + 0.5
+    beta = torch.randn(1, 3, 1, 1, dtype=torch.float64)
+    mm, mv = (
+        torch.zeros(1, 3, 1, 1, dtype=torch.float64),
+        torch.ones(1, 3, 1, 1, dtype=torch.float64),
+    )
+    y, new_mm, _ = naive_batch_norm(x, gamma, beta, mm, mv, 1e-5, 0.1, training=True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    ref = torch.nn.functional.batch_norm(
+        x, rm, rv, gamma.flatten(), beta.flatten(), training=True, momentum=0.1
+    )
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(new_mm.flatten(), rm)  # momentum 0.1 on the new batch, as torch
+    y_eval, _, _ = naive_batch_norm(x, gamma, beta, mm, mv, 1e-5, 0.1, training=False)
+    torch.testing.assert_close(y_eval, gamma * x / math.sqrt(1 + 1e-5) + beta)
+
+
+def test_interleaved_timing_validates_and_counts() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def bump(name: str) -> None:
+        calls[name] += 1
+
+    t = time_interleaved(
+        {"a": lambda: bump("a"), "b": lambda: bump("b")},
+        reps=4,
+        warmup=2,
+        min_sample_s=0.0,
+        sync=lambda: None,
+    )
+    assert calls == {"a": 2 + 4, "b": 2 + 4}  # warm-up, then one call per sample
+    assert t["a"].samples == 4 and t["a"].inner == 1
+    with pytest.raises(ValueError, match="reps >= 1"):
+        time_interleaved({"a": lambda: None}, reps=0, warmup=1, min_sample_s=0, sync=lambda: None)
