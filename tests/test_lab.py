@@ -22,7 +22,7 @@ TINY = Scale("quick", seeds=1, epochs=1, subset=256, measure_every=4, test_subse
 def tiny_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     results = tmp_path_factory.mktemp("results")
     report = tmp_path_factory.mktemp("report")
-    reproduce(TINY, results, progress=False)
+    reproduce(TINY, results, progress=False, jobs=2)  # also exercises the process pool
     build_report(results, report)
     return results, report
 

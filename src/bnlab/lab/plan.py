@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -115,9 +116,9 @@ def _execute(run: Run, store_root: str) -> tuple[Run, dict[str, Any], float]:
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)  # workers share the cores instead of oversubscribing them
+    # LeNet-sized ops gain little from intra-op threads, and oversubscribed OpenMP threads
+    # spin-wait: one run per core with its own threads is faster than runs sharing all cores
+    os.environ["BNLAB_THREADS"] = str(threads)
 
 
 def execute_plan(
@@ -150,7 +151,11 @@ def execute_plan(
                 bar.update()
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(threads,)) as pool:
+            # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
+            ) as pool:
                 futures = [pool.submit(_execute, run, str(store.root)) for run in todo]
                 for future in as_completed(futures):
                     run, result, _ = future.result()
