@@ -235,27 +235,33 @@ class BatchNorm(nn.Module):
             impl=self.impl,
         )
         if update:
-            assert self.running_mean is not None and self.running_var is not None
-            assert self.num_batches_tracked is not None
             assert new_mean is not None and new_var is not None
-            if self.skip_nonfinite and not bool(
-                torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-            ):
-                if not self._warned_nonfinite:
-                    warnings.warn(
-                        f"{type(self).__name__}: a batch had non-finite statistics (NaN/Inf in "
-                        "the input); the running statistics were left unchanged. This warning "
-                        "is shown once per layer.",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    self._warned_nonfinite = True
-                return y
-            with torch.no_grad():
-                self.running_mean.copy_(new_mean)
-                self.running_var.copy_(new_var)
-                self.num_batches_tracked.add_(1)
+            self._store_running_stats(new_mean, new_var)
         return y
+
+    def _store_running_stats(self, new_mean: Tensor, new_var: Tensor) -> None:
+        """Keep the new running statistics and count the batch, unless ``skip_nonfinite`` and
+        they are not finite (then warn once per layer). Subclasses that compute statistics
+        their own way (sync, renorm, ghost) store them through here too."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        if self.skip_nonfinite and not bool(
+            torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        ):
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    f"{type(self).__name__}: a batch had non-finite statistics (NaN/Inf in "
+                    "the input); the running statistics were left unchanged. This warning "
+                    "is shown once per layer.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_nonfinite = True
+            return
+        with torch.no_grad():
+            self.running_mean.copy_(new_mean)
+            self.running_var.copy_(new_var)
+            self.num_batches_tracked.add_(1)
 
     def _load_from_state_dict(
         self,

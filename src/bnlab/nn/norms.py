@@ -470,8 +470,8 @@ class BatchRenorm(LazyByDefault, BatchNorm):
             convention=self.convention,
             num_batches_tracked=_batches_seen(self, self.momentum),
         )
-        if self.training:
-            _store(self, {"running_mean": res.running_mean, "running_var": res.running_var})
+        if self.training and res.running_mean is not None and res.running_var is not None:
+            self._store_running_stats(res.running_mean, res.running_var)
         return res.y
 
 
@@ -540,8 +540,8 @@ class GhostBatchNorm(LazyByDefault, BatchNorm):
             num_batches_tracked=_batches_seen(self, self.momentum),
             impl=self.impl,
         )
-        if self.training and self.track_running_stats:
-            _store(self, {"running_mean": new_mean, "running_var": new_var})
+        if self.training and new_mean is not None and new_var is not None:
+            self._store_running_stats(new_mean, new_var)
         return y
 
 

@@ -40,10 +40,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from bnlab.functional.batch_norm import (
-    Convention,
-    get_convention,
-)
+from bnlab.functional.batch_norm import get_convention, running_update
 from bnlab.functional.checks import check_dtype_device, check_enough_values
 from bnlab.functional.core import (
     accumulation_dtype,
@@ -135,29 +132,6 @@ def sync_moments(x: Tensor, group: ProcessGroup = None) -> tuple[Tensor, Tensor,
     return mean, var, total
 
 
-def running_update(
-    convention: Convention,
-    momentum: float | None,
-    batches_seen: int,
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: Tensor | float,
-) -> tuple[Tensor, Tensor]:
-    """New running statistics (see :mod:`bnlab.functional.batch_norm`): with w the convention's
-    weight on the new batch, μ̂ ← (1 - w) μ̂ + w μ and σ̂² ← (1 - w) σ̂² + w s², where
-    s² = σ² · n/(n - 1) for unbiased conventions. ``count`` is the batch's n (a tensor keeps the
-    computation on the device, without a host synchronization)."""
-    w = convention.new_batch_weight(momentum, batches_seen)
-    with torch.no_grad():
-        if convention.unbiased_running_var:
-            var = var * (count / (count - 1))
-        new_mean = (w * mean + (1.0 - w) * running_mean).to(running_mean.dtype)
-        new_var = (w * var + (1.0 - w) * running_var).to(running_var.dtype)
-    return new_mean, new_var
-
-
 class SyncBatchNorm(BatchNorm):
     """:class:`~bnlab.nn.BatchNorm` whose training-mode statistics span every process of a
     ``torch.distributed`` group (formulas in :mod:`bnlab.nn.sync`).
@@ -214,37 +188,20 @@ class SyncBatchNorm(BatchNorm):
         return y
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
+        # the statistics are the same on every process, so the skip decision is too
         assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        batches_seen = int(self.num_batches_tracked) if self.momentum is None else 0
+        batches_seen = int(self.num_batches_tracked or 0) if self.momentum is None else 0
         new_mean, new_var = running_update(
-            get_convention(self.convention),
-            self.momentum,
-            batches_seen,
             self.running_mean,
             self.running_var,
             mean,
             var,
             count,
+            convention=get_convention(self.convention),
+            momentum=self.momentum,
+            num_batches_tracked=batches_seen,
         )
-        # the statistics are the same on every process, so this decision is too
-        if self.skip_nonfinite and not bool(
-            torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        ):
-            if not self._warned_nonfinite:
-                warnings.warn(
-                    f"{type(self).__name__}: a batch had non-finite statistics (NaN/Inf in the "
-                    "input of some process); the running statistics were left unchanged. This "
-                    "warning is shown once per layer.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._warned_nonfinite = True
-            return
-        with torch.no_grad():
-            self.running_mean.copy_(new_mean)
-            self.running_var.copy_(new_var)
-            self.num_batches_tracked.add_(1)
+        self._store_running_stats(new_mean, new_var)
 
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else f", process_group={self.process_group}"
@@ -405,6 +362,5 @@ __all__ = [
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
-    "running_update",
     "sync_moments",
 ]
