@@ -153,9 +153,14 @@ def test_same_seed_same_history_and_global_rng_untouched(tmp_path: Path) -> None
 
 def test_run_directory_files(tmp_path: Path) -> None:
     seen: list[int] = []
+    threads = torch.get_num_threads()
     result = train(
-        config(tmp_path), synthetic(), progress=True, on_epoch=lambda s: seen.append(s.epoch)
+        config(tmp_path, threads=1),
+        synthetic(),
+        progress=True,
+        on_epoch=lambda s: seen.append(s.epoch),
     )
+    assert torch.get_num_threads() == threads  # restored after the run
     run = result.run
     assert seen == [1, 2] and [h.epoch for h in result.history] == [1, 2]
     saved = json.loads(run.config.read_text())
@@ -169,6 +174,7 @@ def test_run_directory_files(tmp_path: Path) -> None:
     metrics = json.loads(run.metrics_json.read_text())
     assert metrics["history"] == [h.to_dict() for h in result.history]
     assert metrics["environment"]["torch"] == torch.__version__
+    assert metrics["environment"]["torch_threads"] == 1
     assert run.curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     state = torch.load(run.checkpoint, weights_only=True)  # plain tensors, dicts, lists, numbers

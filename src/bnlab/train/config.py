@@ -90,6 +90,13 @@ class TrainConfig:
     device: str = option(
         "auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...", metavar="DEVICE"
     )
+    threads: int | None = option(
+        None,
+        "torch CPU threads (default: torch's, one per core); on a machine shared with other "
+        "jobs, 1 avoids threads waiting on each other. Part of the run: results are exact "
+        "across resume only with the same count",
+        metavar="N",
+    )
     data_dir: str | None = option(
         None,
         "Fashion-MNIST directory (default: $BNLAB_DATA_DIR, else the per-user cache; "
@@ -109,7 +116,13 @@ class TrainConfig:
             _check_type(f.name, value, hints[f.name])
             if hints[f.name] is float and isinstance(value, int):
                 object.__setattr__(self, f.name, float(value))  # lr=1 is saved as 1.0
-        for name, low in (("epochs", 1), ("batch_size", 2), ("subset", 2), ("test_subset", 1)):
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 2),
+            ("subset", 2),
+            ("test_subset", 1),
+            ("threads", 1),
+        ):
             value = getattr(self, name)
             if value is not None and value < low:
                 extra = (

@@ -14,13 +14,14 @@ crash ends with the same history as an uninterrupted run (bit for bit on the CPU
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -396,6 +397,18 @@ def _fit(
     return TrainResult(config=config, run=run, history=history, model=model, device=device)
 
 
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Use ``n`` torch CPU threads inside the block, and restore the caller's count after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _rng_devices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
@@ -417,14 +430,14 @@ def train(
     ``data``: in-memory images/labels (default: :func:`bnlab.data.load_fashion_mnist` from
     ``config.data_dir``). ``progress``: tqdm bars (None: only on a terminal). ``on_epoch``:
     called with each epoch's :class:`EpochStats` (the CLI prints its table with it).
-    The global RNG state is the same before and after the call.
+    The global RNG state and torch's thread count are the same before and after the call.
     """
     device = resolve_device(config.device)
     out = Path(config.out) if config.out is not None else default_out(config.norm)
     out = Path(current_plan().agree(str(out)))  # every process: rank 0's directory
     config = dataclasses.replace(config, out=str(out), device=str(device))
     tensors = _tensors(config, data, device, progress)  # data errors before any file is made
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    with torch.random.fork_rng(devices=_rng_devices(device)), _threads(config.threads):
         torch.manual_seed(config.seed)
         model = build_model(config)
         run = create_run_dir(out) if current_plan().is_main else RunDir(out)
@@ -472,7 +485,7 @@ def resume(
     tensors = _tensors(config, data, device, progress)
     if current_plan().is_main:
         write_config(run, config)
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    with torch.random.fork_rng(devices=_rng_devices(device)), _threads(config.threads):
         torch.manual_seed(config.seed)
         model = build_model(config)  # then overwritten by the checkpoint, if there is one
         return _fit(config, run, tensors, model, state, progress=progress, on_epoch=on_epoch)
