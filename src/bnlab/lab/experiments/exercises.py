@@ -140,9 +140,10 @@ def _fold_verdict(groups: Groups) -> str:
     speed = mean([p["ms_unfolded"] / p["ms_folded"] for p in probes]) if probes else float("nan")
     diff = max((p["max_rel_diff"] for p in probes), default=float("nan"))
     return (
-        f"Dropping the bias before BN changes test accuracy by {without - with_b:+.3f} (BN's mean "
-        f"subtraction cancels it); folding BN leaves outputs equal to {diff:.1e} relative and "
-        f"runs inference {speed:.2f}× as fast."
+        f"Dropping the bias before BN changes test accuracy by {without - with_b:+.3f} (in "
+        "training BN's mean subtraction cancels a bias exactly, so only the initialization's "
+        f"random draws differ); folding BN leaves outputs equal to {diff:.1e} relative and runs "
+        f"inference {speed:.2f}× as fast."
     )
 
 
