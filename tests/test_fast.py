@@ -394,6 +394,17 @@ def test_fast_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
     with fast_mod.fresh_kernel_cache():
         xr = make_input((8, 3), torch.float32, False, 13).requires_grad_()
         fast_mod.fast_train(xr, None, None, 1e-5)[0].sum().backward()
+        # nor uses a kernel that another policy compiled for the same case
+        calls: list[int] = []
+
+        def counting(fn, args):  # type: ignore[no-untyped-def]
+            return lambda *a: calls.append(1) or fn(*a)
+
+        monkeypatch.setattr(fast_mod, "_compile", counting)
+        fast_mod.fast_compiled_train(xr, None, None, 1e-5)[0].sum().backward()
+        assert len(calls) == 2  # the forward and the backward kernel
+        fast_mod.fast_train(xr, None, None, 1e-5)[0].sum().backward()
+        assert len(calls) == 2
 
 
 def test_compile_failure_warns_once_and_stays_correct(monkeypatch: pytest.MonkeyPatch) -> None:

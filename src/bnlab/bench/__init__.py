@@ -16,7 +16,7 @@ import torch
 
 from bnlab.bench.kernels import LARGE_SHAPES, LENET_SHAPES, SHAPES, bench_kernel, kernel_cases
 from bnlab.bench.lenet import NORMS, bench_lenet
-from bnlab.bench.report import BenchResult, machine_info
+from bnlab.bench.report import BenchResult, loadavg, machine_info
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ def run_benchmark(
         ):
             result.lenet.append(e)
             say(f"epoch {e.norm:14} {e.median_s:.2f}s (rounds: {e.seconds})")
+    result.machine["loadavg_end"] = loadavg()
     return result
 
 

@@ -30,6 +30,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or None where the platform has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # not on every platform
+        return None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -40,6 +48,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
+        "loadavg_start": loadavg(),  # the machine may be shared: other work skews timings
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -163,7 +172,8 @@ class BenchResult:
             f"{m['date']}; {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); "
             f"torch {m['torch']}, Python {m['python']}; device {m['device']}"
             + (f" ({m['gpu']})" if "gpu" in m else "")
-            + ".",
+            + f". Load average (1, 5, 15 min) at start {m.get('loadavg_start')}, "
+            f"at end {m.get('loadavg_end')}.",
             "",
             "Median time per call in µs (ratio to torch.nn.functional.batch_norm); "
             "training = forward + backward to x, γ, β.",
@@ -216,4 +226,4 @@ def _case(k: KernelResult) -> str:
     return f"{'×'.join(map(str, k.shape))} {k.layout}"
 
 
-__all__ = ["BenchResult", "Goal", "cpu_model", "machine_info"]
+__all__ = ["BenchResult", "Goal", "cpu_model", "loadavg", "machine_info"]

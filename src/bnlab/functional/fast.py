@@ -113,11 +113,6 @@ def _reduce_dims(layout: Layout) -> tuple[int, ...]:
     return (0,) if layout == "rows" else (0, 2)
 
 
-def _per_channel(t: Tensor, layout: Layout) -> Tensor:
-    """(C,) -> (1, C) or (1, C, 1), to broadcast against the layout's view."""
-    return t.view(1, -1) if layout == "rows" else t.view(1, -1, 1)
-
-
 # --------------------------------------------------------------------------- the math
 
 
@@ -128,22 +123,38 @@ def _forward_math(
     eps: float,
     layout: Layout,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, μ, σ², invstd) for the view ``v``; statistics (C,) in the accumulation dtype."""
+    """(y, μ, σ², invstd) for the view ``v``; statistics (C,) in the accumulation dtype.
+
+    Few operations, since on small inputs each costs more in dispatch than in arithmetic; the
+    temporaries are overwritten in place (this runs without autograd recording it).
+    """
     acc = accumulation_dtype(v.dtype)
-    dims = _reduce_dims(layout)
     xa = v.to(acc)
     n = v.numel() // v.shape[1]
-    m0 = xa.sum(dims, keepdim=True) / n
-    d = xa - m0
-    delta = d.sum(dims, keepdim=True) / n  # the rounding error of m0, up to sign
-    var = ((d * d).sum(dims, keepdim=True) / n - delta * delta).clamp_min(0.0)
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else invstd * _per_channel(weight.to(acc), layout)
-    shift = -delta * scale  # y = (x - μ)·s + β = d·s + (β - δ·s)
-    if bias is not None:
-        shift = shift + _per_channel(bias.to(acc), layout)
-    y = d * scale + shift if torch.is_grad_enabled() else d.mul_(scale).add_(shift)
-    return y.to(v.dtype), (m0 + delta).flatten(), var.flatten(), invstd.flatten()
+    rows = layout == "rows"
+    if rows:  # (M, C): reductions over axis 0
+        m0 = xa.mean(0)
+        d = xa - m0
+        delta = d.mean(0)  # the rounding error of m0, up to sign
+        sum_sq = torch.linalg.vecdot(d, d, dim=0)
+    else:  # (N, C, L): reductions over axes 0 and 2
+        m0 = xa.sum((0, 2)).div_(n)
+        d = xa - m0.view(1, -1, 1)
+        delta = d.sum((0, 2)).div_(n)
+        sum_sq = (d * d).sum((0, 2))
+    var = sum_sq.div_(n).addcmul_(delta, delta, value=-1.0).clamp_min_(0.0)
+    invstd = (var + eps).rsqrt_()
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    # y = (x - μ)·s + β = d·s + (β - δ·s)
+    if bias is None:
+        shift = delta.mul(scale).neg_()
+    else:
+        shift = torch.addcmul(bias.to(acc), delta, scale, value=-1.0)
+    if rows:
+        y = torch.addcmul(shift, d, scale)
+    else:
+        y = d.mul_(scale.view(1, -1, 1)).add_(shift.view(1, -1, 1))
+    return y.to(v.dtype), m0.add_(delta), var, invstd
 
 
 def _backward_math(
@@ -154,28 +165,32 @@ def _backward_math(
     weight: Tensor | None,
     layout: Layout,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂x in the view's layout and dtype, ∂γ, ∂β) in the accumulation dtype."""
+    """(∂x in the view's layout and dtype, ∂γ, ∂β), the last two in the accumulation dtype.
+
+    With autograd recording (double backward) the same formula runs out of place.
+    """
     acc = accumulation_dtype(v.dtype)
-    dims = _reduce_dims(layout)
     n = v.numel() // v.shape[1]
+    rows = layout == "rows"
+    record = torch.is_grad_enabled()
     dya = dy.to(acc)
-    xc = v.to(acc) - _per_channel(mean, layout)
-    sum_dy = dya.sum(dims)  # ∂β
-    sum_dy_xc = (dya * xc).sum(dims)  # ∂γ / invstd
-    scale = invstd if weight is None else invstd * weight.to(acc)
-    k = sum_dy_xc * invstd * invstd / n  # x̂·∂γ/n = xc · k
-    # ∂x = s · (dy - Σdy/n - xc·k), written as -s·((xc·k + Σdy/n) - dy)
-    if torch.is_grad_enabled():
-        dx = (dya - _per_channel(sum_dy / n, layout) - xc * _per_channel(k, layout)) * (
-            _per_channel(scale, layout)
-        )
+    xc = v.to(acc) - (mean if rows else mean.view(1, -1, 1))
+    if rows:
+        sum_dy = dya.sum(0)  # ∂β
+        sum_dy_xc = torch.linalg.vecdot(dya, xc, dim=0)  # ∂γ / invstd
     else:
-        dx = (
-            xc.mul_(_per_channel(k, layout))
-            .add_(_per_channel(sum_dy / n, layout))
-            .sub_(dya)
-            .mul_(_per_channel(-scale, layout))
-        )
+        sum_dy = dya.sum((0, 2))
+        sum_dy_xc = (dya * xc).sum((0, 2))
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    # ∂x = s·dy + xc·k + c,  k = -s·invstd²·Σ(dy·xc)/n,  c = -s·Σdy/n
+    k = sum_dy_xc * invstd * invstd * scale * (-1.0 / n)
+    c = sum_dy * scale * (-1.0 / n)
+    if rows:
+        dx = torch.addcmul(c, dya, scale)
+        dx = dx.addcmul(xc, k) if record else dx.addcmul_(xc, k)
+    else:
+        k, c, s3 = k.view(1, -1, 1), c.view(1, -1, 1), scale.view(1, -1, 1)
+        dx = xc * k + c + dya * s3 if record else xc.mul_(k).add_(c).add_(dya * s3)
     return dx.to(v.dtype), sum_dy_xc * invstd, sum_dy
 
 
@@ -250,7 +265,7 @@ def _ready(case: CaseStats, policy: Policy, build: Callable[[], Callable[..., An
     """True if ``case`` has a compiled kernel now, compiling it if the policy says so."""
     if case.fn is not None:
         return True
-    if case.failed or policy == "eager":
+    if case.failed:
         return False
     if policy == "auto" and case.eager_s < compile_estimate_s():
         return False
@@ -282,7 +297,7 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y shaped like x, μ, σ², invstd)."""
     v, layout = _canonical(x)
-    if torch.compiler.is_compiling():  # traced into the caller's graph, fused there
+    if policy == "eager" or torch.compiler.is_compiling():  # (compiling: traced, fused there)
         y, mean, var, invstd = _forward_math(v, weight, bias, eps, layout)
         return _restore(y, x, layout), mean, var, invstd
     key = (
@@ -327,7 +342,7 @@ def _backward(
     """(∂x shaped like x, ∂γ, ∂β), the last two in the accumulation dtype."""
     v, layout = _canonical(x)
     g = _as_layout(dy, layout)
-    if torch.compiler.is_compiling():
+    if policy == "eager" or torch.compiler.is_compiling():
         dx, dw, db = _backward_math(g, v, mean, invstd, weight, layout)
         return _restore(dx, x, layout), dw, db
     key = (
