@@ -25,12 +25,24 @@ TOL = {
 TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
-def close(a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> None:
+def close(
+    a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype, scale: float = 1.0
+) -> None:
+    """Equal within the dtype's tolerance; ``scale`` is the natural size of the values, for
+    quantities whose rounding error grows with it (input gradients grow as |dy| / σ)."""
     assert (a is None) == (b is None)
     if a is None or b is None:
         return
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * max(1.0, scale))
+
+
+def grad_scale(x: torch.Tensor, dy: torch.Tensor) -> float:
+    """max |dy| / min σ over channels: the size of BN's input gradient terms, which cancel
+    (exactly so for a batch of two), leaving rounding noise of this size times eps."""
+    dims = [0, *range(2, x.ndim)]
+    std = x.double().var(dim=dims, unbiased=False).add(1e-5).sqrt()
+    return float(dy.double().abs().max() / std.min())
 
 
 @st.composite
@@ -61,16 +73,21 @@ def make_input(case: dict, step: int) -> torch.Tensor:
 
 @given(cases())
 def test_module_matches_torch_batchnorm(case: dict) -> None:
-    """Outputs, all gradients, running statistics after several steps, and eval outputs."""
+    """Outputs, all gradients, running statistics after several steps, and eval outputs.
+
+    For float16/bfloat16 the oracle is torch's BN in float64 on the same (rounded) input:
+    torch's own half kernels round differently, and where the exact gradient is ~0 (e.g. a
+    batch of two, whose normalized output does not depend on x) both results are rounding
+    noise, so only the float64 answer is a reference."""
     c, dtype = case["shape"][1], case["dtype"]
+    ref_dtype = torch.float64 if dtype in (torch.float16, torch.bfloat16) else dtype
     kwargs = dict(
         momentum=case["momentum"],
         affine=case["affine"],
         track_running_stats=case["track"],
-        dtype=dtype,
     )
-    ours = BatchNorm(c, **kwargs)
-    ref = TORCH_BN[len(case["shape"])](c, **kwargs)
+    ours = BatchNorm(c, **kwargs, dtype=dtype)
+    ref = TORCH_BN[len(case["shape"])](c, **kwargs, dtype=ref_dtype)
     if case["affine"]:  # non-trivial γ, β so their gradients are exercised
         with torch.no_grad():
             for m in (ours, ref):
@@ -78,7 +95,7 @@ def test_module_matches_torch_batchnorm(case: dict) -> None:
                 m.bias.copy_(torch.linspace(-1, 1, c))
     for step in range(3):
         x = make_input(case, step)
-        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        xo, xr = x.clone().requires_grad_(), x.to(ref_dtype).requires_grad_()
         yo, yr = ours(xo), ref(xr)
         close(yo, yr, dtype)
         assert yo.dtype == dtype
@@ -88,8 +105,8 @@ def test_module_matches_torch_batchnorm(case: dict) -> None:
         g = torch.Generator().manual_seed(step)
         dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
         yo.backward(dy)
-        yr.backward(dy)
-        close(xo.grad, xr.grad, dtype)
+        yr.backward(dy.to(ref_dtype))
+        close(xo.grad, xr.grad, dtype, grad_scale(x, dy))
         if case["affine"]:
             close(ours.weight.grad, ref.weight.grad, dtype)
             close(ours.bias.grad, ref.bias.grad, dtype)
@@ -102,7 +119,7 @@ def test_module_matches_torch_batchnorm(case: dict) -> None:
     ours.eval()
     ref.eval()
     x = make_input(case, 99)
-    close(ours(x), ref(x), dtype)
+    close(ours(x), ref(x.to(ref_dtype)), dtype)
 
 
 @given(cases(), st.booleans())
