@@ -44,6 +44,7 @@ def test_every_experiment_has_results_and_a_section(tiny_lab: tuple[Path, Path])
         assert "**Verdict.**" in section and "No measurement yet" not in section, exp.name
         assert "QUICK run" in section  # quick numbers are labelled as such
     assert "## Contents" in md
+    assert re.search(r"All \d+ planned runs are done", md) and "INCOMPLETE" not in md
 
 
 def test_report_is_self_contained_with_captioned_figures(tiny_lab: tuple[Path, Path]) -> None:

@@ -54,19 +54,26 @@ def reproduce(
             "--results directory for this one."
         )
     runs: list[Run] = [run for n in names for _, run in EXPERIMENTS[n].plan(scale)]
-    start = time.perf_counter()
-    execute_plan(runs, ResultStore(root), jobs=jobs, progress=progress)
-    seconds = time.perf_counter() - start
     manifest = {
         "scale": scale.to_dict(),
         "experiments": sorted(set(manifest.get("experiments", [])) | set(names)),
-        "last_reproduce_seconds": round(seconds, 1),
         "runs": len(runs),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "started": now(),
+        "finished": None,  # a killed reproduce leaves None: the report says it is incomplete
+        "last_reproduce_seconds": None,
         "machine": machine(),
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    start = time.perf_counter()
+    execute_plan(runs, ResultStore(root), jobs=jobs, progress=progress)
+    manifest["last_reproduce_seconds"] = round(time.perf_counter() - start, 1)
+    manifest["finished"] = now()
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return manifest
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def machine() -> dict[str, Any]:
@@ -103,22 +110,39 @@ def build_report(results_dir: str | Path, out_dir: str | Path) -> tuple[Path, Pa
     fig_dir.mkdir(parents=True, exist_ok=True)
     store = ResultStore(root)
     sections: list[Section] = []
+    planned_runs = done = 0
+    run_seconds = 0.0
     for name in EXPERIMENTS:
         if name not in manifest["experiments"]:
             continue
         exp = EXPERIMENTS[name]
         planned = exp.plan(scale)
         results = {run: r for _, run in planned if (r := store.get(run)) is not None}
+        planned_runs += len(planned)
+        done += len(results)
+        run_seconds += sum(store.seconds(run) for run in results)
         sections.append(exp.summarize(scale, planned, results, fig_dir))
     m = manifest["machine"]
     title = "bnlab: the Batch Normalization chapter, measured"
+    status = (
+        f"All {planned_runs} planned runs are done"
+        if done == planned_runs
+        else f"INCOMPLETE: {done} of {planned_runs} planned runs are done (sections say which "
+        "are missing; `bnlab reproduce` with the same options computes only those)"
+    )
+    wall = manifest.get("last_reproduce_seconds")
     preamble = (
         f'Every section states a claim or question of the chapter "Batch Normalization" '
         f"(Dive into Deep Learning), the measurement, and a one-sentence verdict computed from "
         f"the numbers. {scale.describe()}.\n\n"
-        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, Python {m['python']}. "
-        f"Last `bnlab reproduce`: {manifest['last_reproduce_seconds']:.0f} s for "
-        f"{manifest['runs']} runs (cached runs cost nothing), finished {manifest['finished']}."
+        f"{status}. Compute: {run_seconds / 60:.0f} minutes of run time in all (one process per "
+        "run, each with its share of the cores)"
+        + (
+            f"; the last `bnlab reproduce` took {wall / 60:.0f} minutes of wall time"
+            if wall
+            else ""
+        )
+        + f". Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, Python {m['python']}."
     )
     md, html_path = out / "report.md", out / "report.html"
     atomic_write_text(md, render_markdown(title, preamble, sections, out))

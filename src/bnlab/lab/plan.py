@@ -75,6 +75,13 @@ class ResultStore:
             )
             return None
 
+    def seconds(self, run: Run) -> float:
+        """How long the cached run took to compute (0 if unknown)."""
+        try:
+            return float(json.loads(self.path(run).read_text()).get("seconds", 0.0))
+        except (OSError, ValueError):
+            return 0.0
+
     def put(self, run: Run, result: dict[str, Any], seconds: float) -> None:
         path = self.path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
