@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -129,6 +130,21 @@ def test_naive_formula_is_the_chapters() -> None:
     torch.testing.assert_close(new_mm.flatten(), rm)  # momentum 0.1 on the new batch, as torch
     y_eval, _, _ = naive_batch_norm(x, gamma, beta, mm, mv, 1e-5, 0.1, training=False)
     torch.testing.assert_close(y_eval, gamma * x / math.sqrt(1 + 1e-5) + beta)
+
+
+def test_cpu_clock_needs_one_thread() -> None:
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="get_num_threads"):
+            run_benchmark(dataclasses.replace(TINY, clock="cpu", lenet_images=0))
+        torch.set_num_threads(1)
+        result = run_benchmark(
+            dataclasses.replace(TINY, shapes=((6, 2),), clock="cpu", lenet_images=0)
+        )
+        assert result.config["clock"] == "cpu" and "CPU time" in result.to_markdown()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_interleaved_timing_validates_and_counts() -> None:

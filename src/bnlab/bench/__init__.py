@@ -17,6 +17,7 @@ import torch
 from bnlab.bench.kernels import LARGE_SHAPES, LENET_SHAPES, SHAPES, bench_kernel, kernel_cases
 from bnlab.bench.lenet import NORMS, bench_lenet
 from bnlab.bench.report import BenchResult, loadavg, machine_info
+from bnlab.bench.timing import Clock, clock_function
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class BenchConfig:
     batch_size: int = 256
     device: str = "cpu"
     seed: int = 0
+    clock: Clock = "wall"  # "cpu": thread CPU time, robust on a busy machine (1 thread only)
 
     @classmethod
     def quick(cls, **overrides: object) -> BenchConfig:
@@ -63,6 +65,12 @@ def run_benchmark(
     for shape in config.shapes:
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shapes: expected (N, C, *spatial) with positive sizes, got {shape}.")
+    clock_function(config.clock)  # a bad clock fails before any measurement
+    if config.clock == "cpu" and device.type != "cpu":
+        raise ValueError(
+            f"clock: 'cpu' measures host CPU time, which misses {device.type} work; use "
+            "clock='wall' on a GPU."
+        )
     unknown = [n for n in config.lenet_norms if n not in NORMS]
     if unknown:
         raise ValueError(f"lenet_norms: expected names from {sorted(NORMS)}, got {unknown}.")
@@ -79,6 +87,7 @@ def run_benchmark(
             min_sample_s=config.min_sample_s,
             compiled=config.compiled,
             seed=config.seed,
+            clock=config.clock,
         )
         result.kernels.append(k)
         say(

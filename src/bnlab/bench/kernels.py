@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bnlab.bench.timing import Timing, synchronizer, time_interleaved
+from bnlab.bench.timing import Clock, Timing, clock_function, synchronizer, time_interleaved
 from bnlab.functional import fast as fast  # registers the fast kernels
 from bnlab.functional.batch_norm import batch_norm
 
@@ -197,17 +197,21 @@ def bench_kernel(
     min_sample_s: float,
     compiled: bool = True,
     seed: int = 0,
+    clock: Clock = "wall",
 ) -> KernelResult:
     """Time every contender on one (shape, memory format, mode) case."""
+    clock_function(clock)  # reject a bad clock before any work
     fns = _contenders(shape, channels_last, mode, device, compiled, seed)
     sync = synchronizer(device)
     compile_s = None
     if "fast_compiled" in fns:  # the first call compiles forward and backward: timed apart
-        start = time.perf_counter()
+        start = time.perf_counter()  # always wall time: compilation runs in subprocesses too
         fns["fast_compiled"]()
         sync()
         compile_s = time.perf_counter() - start
-    times = time_interleaved(fns, reps=reps, warmup=warmup, min_sample_s=min_sample_s, sync=sync)
+    times = time_interleaved(
+        fns, reps=reps, warmup=warmup, min_sample_s=min_sample_s, sync=sync, clock=clock
+    )
     return KernelResult(tuple(shape), channels_last, mode, times, compile_s)
 
 

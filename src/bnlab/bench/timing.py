@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -30,6 +31,25 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+Clock = Literal["wall", "cpu"]
+
+
+def clock_function(clock: Clock) -> Callable[[], float]:
+    """``"wall"``: elapsed time. ``"cpu"``: CPU time of the calling thread, which a busy shared
+    machine does not inflate by preempting it; it misses other threads' work, so it is only
+    meaningful with one torch thread (``torch.set_num_threads(1)``) on the CPU."""
+    if clock == "wall":
+        return time.perf_counter
+    if clock == "cpu":
+        if torch.get_num_threads() != 1:
+            raise ValueError(
+                f"clock='cpu' counts the calling thread only: expected torch.get_num_threads() "
+                f"== 1, got {torch.get_num_threads()}. Use --threads 1, or clock='wall'."
+            )
+        return time.thread_time
+    raise ValueError(f"clock: expected 'wall' or 'cpu', got {clock!r}.")
+
+
 def time_interleaved(
     fns: Mapping[str, Callable[[], object]],
     *,
@@ -37,12 +57,14 @@ def time_interleaved(
     warmup: int,
     min_sample_s: float,
     sync: Callable[[], None],
+    clock: Clock = "wall",
 ) -> dict[str, Timing]:
     """Median seconds per call of each function in ``fns``, measured in interleaved rounds.
 
     Each function first runs ``warmup`` times; a sample then times as many back-to-back calls
     as fill ``min_sample_s`` (so that microsecond calls are not below the clock's resolution).
     """
+    now = clock_function(clock)
     if reps < 1 or warmup < 0 or min_sample_s < 0:
         raise ValueError(
             f"expected reps >= 1, warmup >= 0 and min_sample_s >= 0, got reps={reps}, "
@@ -50,22 +72,22 @@ def time_interleaved(
         )
     inner: dict[str, int] = {}
     for name, fn in fns.items():
-        start = time.perf_counter()
+        start = now()
         for _ in range(max(warmup, 1)):
             fn()
         sync()
-        one = (time.perf_counter() - start) / max(warmup, 1)
+        one = (now() - start) / max(warmup, 1)
         inner[name] = max(1, math.ceil(min_sample_s / one)) if one > 0 else 1
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             k = inner[name]
             sync()
-            start = time.perf_counter()
+            start = now()
             for _ in range(k):
                 fn()
             sync()
-            samples[name].append((time.perf_counter() - start) / k)
+            samples[name].append((now() - start) / k)
     out = {}
     for name, ts in samples.items():
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3

@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lenet-images", type=int, help="images per BN-LeNet epoch")
     parser.add_argument("--lenet-rounds", type=int, help="epochs per norm layer")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        help="wall (default): elapsed time; cpu: the thread's CPU time, steadier on a busy "
+        "shared machine (needs --threads 1; the LeNet epochs stay in wall time)",
+    )
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
@@ -83,6 +89,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             changes[name] = value
     if args.compile is not None:
         changes["compiled"] = args.compile
+    if args.clock is not None:
+        changes["clock"] = args.clock
     if args.shapes is not None:
         changes["shapes"] = args.shapes
     if args.no_lenet:

@@ -64,6 +64,7 @@ from typing import Any, Final, Literal
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from bnlab.functional.batch_norm import reference_train, register_train_kernel
 from bnlab.functional.core import accumulation_dtype
@@ -434,8 +435,6 @@ def _fallback_needed() -> bool:
     """torch.func transforms and forward-mode AD need the plain autograd (reference) path."""
     if torch._C._are_functorch_transforms_active():
         return True
-    from torch.autograd import forward_ad
-
     return getattr(forward_ad, "_current_level", -1) >= 0
 
 
