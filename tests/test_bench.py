@@ -43,9 +43,9 @@ def test_tiny_run_has_every_case_and_contender() -> None:
     ]
     for k in result.kernels:
         expected = (
-            {"fast", "reference", "naive", "torch", "floor"}
+            {"fast", "reference", "naive", "torch", "floor", "floor_alloc"}
             if k.mode == "train"
-            else {"bnlab", "naive", "torch", "floor"}
+            else {"bnlab", "naive", "torch", "floor", "floor_alloc"}
         )
         assert set(k.times) == expected
         assert k.ratio("torch") == 1.0

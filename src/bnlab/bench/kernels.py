@@ -10,6 +10,9 @@ Contenders (training: forward and backward to x, γ and β; eval: forward only, 
     floor          the bytes a fused kernel must move, moved by plain copies into
                    preallocated buffers: training reads x, writes y, reads dy and x and writes
                    dx (5 tensor-sized transfers); eval reads x and writes y (2)
+    floor_alloc    the same copies into newly allocated y and dx, as every contender's outputs
+                   are: on large tensors the allocator returns fresh pages from the OS, and
+                   their first touch (page faults, zeroing) costs more than the copy
 
 In eval the bnlab kernels share one path (running statistics folded into a scale and a shift),
 so it is listed once, as "bnlab".
@@ -108,17 +111,22 @@ def _inputs(
     return x, g, w, b, rm, rv
 
 
-def _floor(x: Tensor, g: Tensor, mode: Mode) -> Callable[[], object]:
+def _floor(x: Tensor, g: Tensor, mode: Mode, allocate: bool) -> Callable[[], object]:
     y_buf, dx_buf, x_buf = (torch.empty_like(x) for _ in range(3))
+    xd = x.detach()
     if mode == "eval":
-        return lambda: y_buf.copy_(x)
+        return (lambda: xd.clone()) if allocate else (lambda: y_buf.copy_(xd))
     half = x.numel() // 2
-    xs = x.detach().reshape(-1)[:half]  # one more read of x: a copy of half moves as many bytes
+    xs = xd.reshape(-1)[:half]  # one more read of x: a copy of half moves as many bytes
     xs_buf = x_buf.reshape(-1)[:half]
 
     def run() -> None:
-        y_buf.copy_(x)  # read x, write y
-        dx_buf.copy_(g)  # read dy, write dx
+        if allocate:
+            xd.clone()  # read x, write a new y
+            g.clone()  # read dy, write a new dx
+        else:
+            y_buf.copy_(xd)  # read x, write y
+            dx_buf.copy_(g)  # read dy, write dx
         xs_buf.copy_(xs)  # read x again
 
     return run
@@ -154,7 +162,8 @@ def _contenders(
         fns["torch"] = no_grad(
             lambda: F.batch_norm(x, rm, rv, w, b, training=False, momentum=momentum, eps=eps)
         )
-        fns["floor"] = _floor(x, g, mode)
+        fns["floor"] = _floor(x, g, mode, allocate=False)
+        fns["floor_alloc"] = _floor(x, g, mode, allocate=True)
         return fns
 
     for t in (x, w, b, gamma, beta):
@@ -182,7 +191,8 @@ def _contenders(
     fns["reference"] = bnlab("reference")
     fns["naive"] = naive
     fns["torch"] = builtin
-    fns["floor"] = _floor(x, g, mode)
+    fns["floor"] = _floor(x, g, mode, allocate=False)
+    fns["floor_alloc"] = _floor(x, g, mode, allocate=True)
     return fns
 
 

@@ -1,0 +1,98 @@
+"""Where the time of one small batch-norm training call goes (docs/speed.md, "Where the time
+goes"): PyTorch's fused op against bnlab's pieces, as CPU time of one thread, interleaved.
+
+    python benchmarks/bench_overhead.py [--shape 256x120] [--reps 41]
+
+Pieces: the whole call through ``bnlab.functional.batch_norm`` (kernel, autograd and the
+running-statistics update); the same with a kernel that does no work (the wrapper and the
+autograd.Function machinery alone); the eager and the compiled forward and backward math alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bnlab.bench.timing import time_interleaved
+from bnlab.cli.bench import parse_shapes
+from bnlab.functional import batch_norm
+from bnlab.functional import fast as fast_mod
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=parse_shapes, default=((256, 120),))
+    parser.add_argument("--reps", type=int, default=41)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    (shape,) = args.shape
+    c = shape[1]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    w = (torch.rand(c, generator=gen) + 0.5).requires_grad_()
+    b = torch.randn(c, generator=gen).requires_grad_()
+    g = torch.randn(shape, generator=gen)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    params = (x, w, b)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+
+    with torch.no_grad():  # precomputed results for a kernel that does no work
+        y0, mean0, var0, invstd0 = fast_mod._forward(xd, wd, bd, 1e-5, "eager")
+        grads0 = fast_mod._backward(g, xd, mean0, invstd0, wd, "eager")
+    batch_norm(x, w, b, rm, rv, training=True, impl="fast_compiled").y.backward(g)  # compile
+
+    real_forward, real_backward = fast_mod._forward, fast_mod._backward
+
+    def machinery() -> object:  # the fast kernel's Function with free forward and backward
+        fast_mod._forward = lambda *a: (y0.clone(), mean0, var0, invstd0)
+        fast_mod._backward = lambda *a: grads0
+        try:
+            y = batch_norm(x, w, b, rm, rv, training=True, impl="fast").y
+            return torch.autograd.grad(y, params, g)
+        finally:
+            fast_mod._forward, fast_mod._backward = real_forward, real_backward
+
+    def no_grad(fn: object) -> object:
+        def run() -> object:
+            with torch.no_grad():
+                return fn()  # type: ignore[operator]
+
+        return run
+
+    fns = {
+        "torch F.batch_norm, fwd+bwd": lambda: torch.autograd.grad(
+            F.batch_norm(x, rm, rv, w, b, training=True), params, g
+        ),
+        "bnlab fast, fwd+bwd": lambda: torch.autograd.grad(
+            batch_norm(x, w, b, rm, rv, training=True, impl="fast").y, params, g
+        ),
+        "bnlab fast_compiled, fwd+bwd": lambda: torch.autograd.grad(
+            batch_norm(x, w, b, rm, rv, training=True, impl="fast_compiled").y, params, g
+        ),
+        "wrapper + Function, no math": machinery,
+        "eager forward math": no_grad(lambda: real_forward(xd, wd, bd, 1e-5, "eager")),
+        "eager backward math": no_grad(lambda: real_backward(g, xd, mean0, invstd0, wd, "eager")),
+        "compiled forward call": no_grad(lambda: real_forward(xd, wd, bd, 1e-5, "compiled")),
+        "compiled backward call": no_grad(
+            lambda: real_backward(g, xd, mean0, invstd0, wd, "compiled")
+        ),
+    }
+    times = time_interleaved(
+        fns,  # type: ignore[arg-type]
+        reps=args.reps,
+        warmup=20,
+        min_sample_s=0.005,
+        sync=lambda: None,
+        clock="cpu",
+    )
+    print(f"shape {shape}, CPU time of one thread, median of {args.reps} interleaved samples")
+    for name, t in times.items():
+        print(f"  {name:32} {t.median_s * 1e6:8.1f} µs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
