@@ -131,7 +131,7 @@ class BenchResult:
             if norm in epochs and "torch" in epochs:
                 r = epochs[norm].median_s / epochs["torch"].median_s
                 goals.append(
-                    Goal(f"BN-LeNet epoch, {norm}", "<= 1.0x torch", f"{r:.2f}x", r <= 1.0)
+                    Goal(f"BN-LeNet epoch, {norm}", "<= 1.0x torch", f"{r:.3f}x", r <= 1.0)
                 )
         return goals
 

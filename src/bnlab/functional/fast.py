@@ -8,7 +8,8 @@ Per channel c, over its n = N·∏spatial values (Ioffe & Szegedy, 2015, arXiv:1
                 ∂x = s · (dy - ∂β / n - x̂ · ∂γ / n)
 
 Only x, μ and invstd (and γ) are saved for the backward pass; the naive formula's autograd
-graph keeps five input-sized intermediates and runs a dozen kernels to differentiate them.
+graph keeps several input-sized intermediates and runs a kernel per operation to differentiate
+them.
 
 Statistics without E[x²] - E[x]² cancellation, by the corrected two-pass algorithm (Chan,
 Golub & LeVeque, 1983), eager and compiled alike:
@@ -27,7 +28,7 @@ their own dtype; the statistics are float32.
 
 Kernels, registered for ``batch_norm(..., impl=...)``:
 
-    "fast"           eager, never compiles (the default of batch_norm and BatchNorm)
+    "fast"           eager, never compiles
     "fast_compiled"  compiles each case on its first call
     "fast_auto"      eager until a case's compilation pays (below), then compiled
 
@@ -72,8 +73,9 @@ from bnlab.functional.core import accumulation_dtype
 Layout = Literal["rows", "ncl"]
 Policy = Literal["auto", "eager", "compiled"]
 
-#: Expected seconds to compile one kernel before any was measured in this process: a warm
-#: process on the 2-core reference machine compiles one in about 1-3 s (docs/speed.md).
+#: Expected seconds to compile one kernel before any was measured in this process: on the
+#: 2-core reference machine a further kernel takes 0.3-0.8 s with a warm inductor cache and
+#: 1.7-2.7 s without; the first in a process several seconds more (docs/speed.md).
 INITIAL_COMPILE_ESTIMATE_S: Final = 2.0
 
 
