@@ -149,6 +149,7 @@ COMPILED_CASES = [
     ((6, 3, 5, 4), torch.float32, True, False),  # ncl layout
     ((4, 5, 3, 3), torch.bfloat16, False, True),  # channels-last rows, half, no affine
     ((7, 4), torch.float64, True, False),  # (N, C) rows
+    ((1024, 64), torch.float32, True, False),  # rows summed in 64 slabs (large enough)
 ]
 
 
@@ -183,6 +184,29 @@ def test_matches_torch_batch_norm(impl: str) -> None:
     torch.testing.assert_close(layer.bias.grad, oracle.bias.grad, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(layer.running_mean, oracle.running_mean)
     torch.testing.assert_close(layer.running_var, oracle.running_var)
+
+
+def test_row_slabs_sum_the_same() -> None:
+    """The slab-wise sums the compiled kernels use for large (M, C) inputs equal plain sums."""
+    assert fast_mod._row_groups(6272, 256) == 64
+    assert fast_mod._row_groups(256, 120) == 1  # small: one slab
+    assert fast_mod._row_groups(65537, 2) == 1  # a prime M has no slabs of equal size
+    assert fast_mod._row_groups(3 * 5 * 7 * 11, 64) == 55  # the largest divisor <= 64
+    x = make_input((3000, 40), torch.float64, False, 4)
+    w, b = torch.rand(40, dtype=torch.float64) + 0.5, torch.randn(40, dtype=torch.float64)
+    g = torch.randn(3000, 40, dtype=torch.float64)
+    groups = fast_mod._row_groups(3000, 40)
+    assert groups == 60
+    with torch.no_grad():
+        one = fast_mod._forward_math(x, w, b, 1e-5, "rows", 1)
+        slabs = fast_mod._forward_math(x, w, b, 1e-5, "rows", groups)
+        for a, e in zip(slabs, one, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        mean, invstd = one[1], one[3]
+        back_one = fast_mod._backward_math(g, x, mean, invstd, w, "rows", 1)
+        back_slabs = fast_mod._backward_math(g, x, mean, invstd, w, "rows", groups)
+        for a, e in zip(back_slabs, back_one, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 def test_hand_computed_case() -> None:
