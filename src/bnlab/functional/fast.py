@@ -123,7 +123,7 @@ def _row_groups(m: int, c: int) -> int:
     """How many slabs to cut the M rows of a large (M, C) reduction into, for the compiled
     kernels: inductor sums an (M, C) tensor over M once per block of 8 channels, streaming all M
     rows each time; summed as (G, M/G, C) over the slabs and then over G, each slab stays in
-    cache (1.2-1.7x faster forward on the channels-last shapes of docs/speed.md)."""
+    cache (a 1.15-1.7x faster forward kernel on (36864, 6), (200704, 64) and (6272, 256))."""
     if m * c < 1 << 16:
         return 1
     return next((g for g in range(64, 7, -1) if m % g == 0), 1)
