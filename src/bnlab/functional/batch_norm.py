@@ -146,7 +146,7 @@ def batch_norm(
     convention: str | Convention = "torch",
     num_batches_tracked: int = 0,
     channel_axis: int = 1,
-    impl: str = "reference",
+    impl: str = "fast",
 ) -> BatchNormResult:
     """Normalize ``x`` (N, C, *spatial) per channel; return ``(y, new_mean, new_var)``.
 
@@ -165,7 +165,8 @@ def batch_norm(
         num_batches_tracked: batches already averaged in (used only when momentum is None).
         channel_axis: the channel axis (1 as in PyTorch; -1 for channels-last data laid out
             as (N, H, W, C), as Keras/Flax default to).
-        impl: training kernel, "reference" (readable, autograd) or another registered one.
+        impl: training kernel: "fast" (analytic backward, eager; bnlab.functional.fast), "reference"
+            (the readable path through autograd), or another registered one.
     """
     check_input(x)
     axis = channel_axis_index(channel_axis, x.ndim)

@@ -69,9 +69,9 @@ def apply_scale_shift(x: Tensor, scale: Tensor, shift: Tensor, channel_axis: int
     ``x``'s dtype and memory format (channels_last in, channels_last out)."""
     acc = accumulation_dtype(x.dtype)
     xa = x.to(acc)
-    y = torch.addcmul(
-        channel_view(shift.to(acc), x.ndim, channel_axis),
-        xa,
-        channel_view(scale.to(acc), x.ndim, channel_axis),
-    )
+    s = channel_view(scale.to(acc), x.ndim, channel_axis)
+    t = channel_view(shift.to(acc), x.ndim, channel_axis)
+    # channels innermost (2-D, channels_last): one addcmul; channels outer (NCHW): two simple
+    # passes, ~3x faster on CPU than addcmul's strided broadcast
+    y = torch.addcmul(t, xa, s) if xa.stride(channel_axis) == 1 else torch.mul(xa, s).add_(t)
     return y.to(x.dtype)

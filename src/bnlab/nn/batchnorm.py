@@ -80,7 +80,7 @@ class BatchNorm(nn.Module):
         use_global_stats: bool = False,
         axis: int = 1,
         skip_nonfinite: bool = False,
-        impl: str = "reference",
+        impl: str = "fast",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -180,7 +180,7 @@ class BatchNorm(nn.Module):
                 ("use_global_stats", self.use_global_stats, False),
                 ("axis", self.axis, 1),
                 ("skip_nonfinite", self.skip_nonfinite, False),
-                ("impl", self.impl, "reference"),
+                ("impl", self.impl, "fast"),
             )
             if v != default and not (k in ("scale", "center") and self.scale == self.center)
         ]

@@ -494,7 +494,7 @@ class GhostBatchNorm(LazyByDefault, BatchNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         convention: str = "torch",
-        impl: str = "reference",
+        impl: str = "fast",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
