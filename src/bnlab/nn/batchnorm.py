@@ -273,17 +273,20 @@ class BatchNorm(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Old (version < 2) torch checkpoints have no num_batches_tracked: start it at 0.
-        key = prefix + "num_batches_tracked"
-        if (
-            (local_metadata.get("version") or 0) < 2
-            and self.track_running_stats
-            and (key not in state_dict)
-        ):
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        if self.track_running_stats:
+            add_missing_batch_count(state_dict, prefix, local_metadata)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def add_missing_batch_count(
+    state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
+) -> None:
+    """Old (version < 2) torch BN checkpoints have no num_batches_tracked: start it at 0."""
+    key = prefix + "num_batches_tracked"
+    if (local_metadata.get("version") or 0) < 2 and key not in state_dict:
+        state_dict[key] = torch.tensor(0, dtype=torch.long)
 
 
 class LazyBatchNorm(LazyModuleMixin, BatchNorm):

@@ -12,6 +12,7 @@ from torch.nn.parameter import is_lazy
 from bnlab.functional.batch_norm import channel_axis_index
 from bnlab.functional.checks import check_eps, check_input
 from bnlab.functional.core import accumulation_dtype, apply_scale_shift, scale_shift
+from bnlab.nn.batchnorm import add_missing_batch_count
 
 
 class FrozenBatchNorm(nn.Module):
@@ -180,9 +181,7 @@ class FrozenBatchNorm(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        key = prefix + "num_batches_tracked"  # old (version < 2) BN checkpoints lack it
-        if (local_metadata.get("version") or 0) < 2 and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        add_missing_batch_count(state_dict, prefix, local_metadata)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
