@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ from bnlab.bench import BenchConfig, run_benchmark
 from bnlab.bench.kernels import naive_batch_norm
 from bnlab.bench.timing import time_interleaved
 from bnlab.cli import main
+from bnlab.functional import native
 
 TINY = BenchConfig(
     shapes=((8, 3, 4, 4), (16, 5)),
@@ -21,7 +23,8 @@ TINY = BenchConfig(
     warmup=1,
     min_sample_s=0.0,
     compiled=False,
-    lenet_norms=("bnlab", "torch", "none"),
+    native=True,
+    lenet_norms=("bnlab", "bnlab_native", "torch", "none"),
     lenet_images=96,
     lenet_rounds=1,
     batch_size=64,
@@ -43,22 +46,30 @@ def test_tiny_run_has_every_case_and_contender() -> None:
     ]
     for k in result.kernels:
         expected = (
-            {"fast", "reference", "naive", "torch", "floor", "floor_alloc"}
+            {"fast", "native", "reference", "naive", "torch", "floor", "floor_alloc"}
             if k.mode == "train"
-            else {"bnlab", "naive", "torch", "floor", "floor_alloc"}
+            else {"bnlab", "native", "naive", "torch", "floor", "floor_alloc"}
         )
         assert set(k.times) == expected
         assert k.ratio("torch") == 1.0
         for t in k.times.values():
             assert t.samples == 3 and t.median_s > 0 and t.q1_s <= t.median_s <= t.q3_s
-    assert [e.norm for e in result.lenet] == ["bnlab", "torch", "none"]
+    assert [e.norm for e in result.lenet] == ["bnlab", "bnlab_native", "torch", "none"]
     assert all(len(e.seconds) == 1 and e.seconds[0] > 0 for e in result.lenet)
-    assert len(lines) == len(result.kernels) + len(result.lenet)
+    # one line for the native build, then one per case and per epoch
+    assert lines[0].startswith("native kernel: ")
+    assert len(lines) == 1 + len(result.kernels) + len(result.lenet)
+    assert result.native is not None and result.native.available
 
     data = json.loads(json.dumps(result.to_json()))  # JSON-serializable as is
     assert {"date", "cpu", "cores", "torch", "torch_threads", "device"} <= set(data["machine"])
     assert data["machine"]["torch"] == torch.__version__
-    assert len(data["kernels"]) == 6 and len(data["lenet"]) == 3
+    assert len(data["kernels"]) == 6 and len(data["lenet"]) == 4
+    # the build is reported, whether compiled now or loaded from the disk cache
+    nat = data["native"]
+    assert nat["available"] is True and nat["error"] is None
+    assert isinstance(nat["build_s"], float) and nat["build_s"] >= 0
+    assert isinstance(nat["was_cached"], bool) and isinstance(nat["loaded_before"], bool)
     row = data["kernels"][0]
     assert row["ratio_to_torch"]["torch"] == 1.0
     assert math.isclose(
@@ -69,8 +80,11 @@ def test_tiny_run_has_every_case_and_contender() -> None:
     # the LeNet and large-shape goals need those shapes; these tiny ones give only the others
     assert names == [
         "training fwd+bwd, fast, every case",
+        "training fwd+bwd, native, every case",
         "eval forward, bnlab, every case",
+        "eval forward, native, every case",
         "BN-LeNet epoch, bnlab",
+        "BN-LeNet epoch, bnlab_native",
     ]
     assert all(isinstance(g["met"], bool) for g in data["goals"])
 
@@ -78,6 +92,30 @@ def test_tiny_run_has_every_case_and_contender() -> None:
     for heading in ("## Training", "## Eval", "## BN-LeNet training epoch", "## Goals"):
         assert heading in table
     assert "| 8×3×4×4 | channels_last |" in table and "| 16×5 | contiguous |" in table
+    assert 'Native kernel (impl="native"): ' in table and " s" in table
+    assert "| shape | layout | fast | native | reference |" in table  # training
+    assert "| shape | layout | bnlab | native | naive |" in table  # eval
+    assert "| bnlab_native |" in table
+
+
+def test_native_build_failure_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    @functools.cache
+    def broken() -> object:
+        raise native.NativeBuildError("bnlab: could not build the native kernel (no g++)")
+
+    monkeypatch.setattr(native, "build_native", broken)
+    result = run_benchmark(dataclasses.replace(TINY, shapes=((6, 2),), lenet_images=64))
+    assert result.native is not None and not result.native.available
+    assert result.native.error is not None and "no g++" in result.native.error
+    assert all("native" not in k.times for k in result.kernels)
+    assert [e.norm for e in result.lenet] == ["bnlab", "torch", "none"]
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["native"]["available"] is False and "no g++" in data["native"]["error"]
+    assert {"name": "native kernel measured", "met": False}.items() <= data["goals"][0].items()
+    table = result.to_markdown()
+    assert "unavailable: bnlab: could not build the native kernel (no g++)" in table
+    assert "| shape | layout | fast | native | reference |" in table
+    assert "| 6×2 | contiguous | " in table and "| unavailable |" in table
 
 
 def test_cli_writes_markdown_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,8 +127,16 @@ def test_cli_writes_markdown_and_json(tmp_path: Path, capsys: pytest.CaptureFixt
     data = json.loads((tmp_path / "results" / "bench.json").read_text())
     assert md in printed
     assert [tuple(k["shape"]) for k in data["kernels"]] == [(6, 2, 3, 3)] * 4
-    assert data["config"]["compiled"] is False  # --quick does not compile
-    assert [e["norm"] for e in data["lenet"]] == ["bnlab", "torch", "none"]
+    assert data["config"]["compiled"] is False  # --quick does not torch.compile
+    assert data["config"]["native"] is True and data["native"]["available"] is True
+    assert [e["norm"] for e in data["lenet"]] == ["bnlab", "bnlab_native", "torch", "none"]
+
+
+def test_cli_no_native(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "--quick", "--no-native", "--shapes", "6x2", "--reps", "1", "--no-lenet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "native" not in printed  # not asked for: no column, no build line, no goal
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,10 @@
 
 Every batch-norm contender is timed on the same tensors in one process, interleaved, and
 reported as a median and a ratio to ``torch.nn.functional.batch_norm``; one BN-LeNet training
-epoch compares the layers end to end. :func:`run_benchmark` returns a :class:`BenchResult`
-that writes itself as JSON and as a markdown table.
+epoch compares the layers end to end. The native C++ kernel is built (or loaded) once before any
+timing, and its build time is reported; where it cannot be built it is reported unavailable.
+:func:`run_benchmark` returns a :class:`BenchResult` that writes itself as JSON and as a
+markdown table.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from bnlab.bench.kernels import LARGE_SHAPES, LENET_SHAPES, SHAPES, bench_kernel, kernel_cases
+from bnlab.bench.kernels import (
+    LARGE_SHAPES,
+    LENET_SHAPES,
+    SHAPES,
+    NativeStatus,
+    bench_kernel,
+    kernel_cases,
+    prepare_native,
+)
 from bnlab.bench.lenet import NORMS, bench_lenet
 from bnlab.bench.report import BenchResult, loadavg, machine_info
 from bnlab.bench.timing import Clock, clock_function
@@ -29,7 +39,8 @@ class BenchConfig:
     warmup: int = 5  # untimed calls per contender first
     min_sample_s: float = 0.002  # a sample times enough calls to last this long
     compiled: bool = True  # also time impl="fast_compiled" (compiles every case once)
-    lenet_norms: tuple[str, ...] = ("bnlab", "bnlab_compiled", "torch", "none")
+    native: bool = True  # also time impl="native" (CPU only; its build is timed apart)
+    lenet_norms: tuple[str, ...] = ("bnlab", "bnlab_compiled", "bnlab_native", "torch", "none")
     lenet_images: int = 60000  # 0 skips the end-to-end epoch
     lenet_rounds: int = 3  # epochs per norm, interleaved
     batch_size: int = 256
@@ -39,13 +50,14 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **overrides: object) -> BenchConfig:
-        """A smoke run: every shape, few samples, a 4096-image epoch, no compilation."""
+        """A smoke run: every shape, few samples, a 4096-image epoch, no torch.compile (the
+        native kernel is kept: its build is cached on disk, compiled only on a first run)."""
         base = cls(
             reps=5,
             warmup=2,
             min_sample_s=0.0005,
             compiled=False,
-            lenet_norms=("bnlab", "torch", "none"),
+            lenet_norms=("bnlab", "bnlab_native", "torch", "none"),
             lenet_images=4096,
             lenet_rounds=1,
         )
@@ -76,6 +88,12 @@ def run_benchmark(
         raise ValueError(f"lenet_norms: expected names from {sorted(NORMS)}, got {unknown}.")
     result = BenchResult(machine_info(device), dataclasses.asdict(config))
     say = progress or (lambda line: None)
+    native = False
+    if config.native:
+        status: NativeStatus = prepare_native(device)  # before any timing, reported apart
+        result.native = status
+        native = status.available
+        say(f"native kernel: {status.describe()}")
     for shape, cl, mode in kernel_cases(config.shapes):
         k = bench_kernel(
             shape,
@@ -88,6 +106,7 @@ def run_benchmark(
             compiled=config.compiled,
             seed=config.seed,
             clock=config.clock,
+            native=native,
         )
         result.kernels.append(k)
         say(
@@ -98,6 +117,8 @@ def run_benchmark(
         norms = config.lenet_norms
         if not config.compiled:
             norms = tuple(n for n in norms if n != "bnlab_compiled")
+        if not native:  # not asked for, or unavailable (result.native says why)
+            norms = tuple(n for n in norms if n != "bnlab_native")
         for e in bench_lenet(
             norms,
             images=config.lenet_images,
@@ -118,5 +139,6 @@ __all__ = [
     "SHAPES",
     "BenchConfig",
     "BenchResult",
+    "NativeStatus",
     "run_benchmark",
 ]

@@ -4,6 +4,8 @@ Contenders (training: forward and backward to x, γ and β; eval: forward only, 
 
     fast           bnlab.batch_norm(impl="fast"), the default: eager analytic kernel
     fast_compiled  bnlab.batch_norm(impl="fast_compiled"), after its compile (timed apart)
+    native         bnlab.batch_norm(impl="native"), the fused C++ kernel, after its build
+                   (done once per process by :func:`prepare_native`, reported apart)
     reference      bnlab.batch_norm(impl="reference"), autograd through the readable math
     naive          the chapter's from-scratch formula, through autograd
     torch          torch.nn.functional.batch_norm, PyTorch's C++/CUDA kernel
@@ -14,8 +16,10 @@ Contenders (training: forward and backward to x, γ and β; eval: forward only, 
                    are: on large tensors the allocator returns fresh pages from the OS, and
                    their first touch (page faults, zeroing) costs more than the copy
 
-In eval the bnlab kernels share one path (running statistics folded into a scale and a shift),
-so it is listed once, as "bnlab".
+In eval the eager bnlab kernels share one path (running statistics folded into a scale and a
+shift), so it is listed once, as "bnlab"; "native" has its own one-pass C++ eval kernel and is
+listed beside it. The native kernel is CPU-only (on other devices it runs the fast kernel), so it
+is measured on the CPU only.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor
 
 from bnlab.bench.timing import Clock, Timing, clock_function, synchronizer, time_interleaved
 from bnlab.functional import fast as fast  # registers the fast kernels
+from bnlab.functional import native as native_ext  # registers impl="native" (built on first use)
 from bnlab.functional.batch_norm import batch_norm
 
 Mode = Literal["train", "eval"]
@@ -75,6 +80,49 @@ def naive_batch_norm(
         moving_var = (1.0 - momentum) * moving_var + momentum * var
     Y = gamma * X_hat + beta
     return Y, moving_mean.detach(), moving_var.detach()
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    """Whether impl="native" could be measured, and what its build cost this process."""
+
+    available: bool
+    build_s: float | None  # build_native's load (or compile) time in this process
+    was_cached: bool | None  # True: a build was already on disk, only loaded
+    loaded_before: bool  # already loaded in this process before the benchmark asked for it
+    error: str | None  # why it is unavailable
+
+    def describe(self) -> str:
+        if not self.available:
+            return f"unavailable: {self.error}"
+        how = "loaded from a cached build" if self.was_cached else "compiled in this process"
+        return f"{how} in {self.build_s:.2f} s" + (
+            " (before the benchmark started)" if self.loaded_before else ""
+        )
+
+
+def prepare_native(device: torch.device) -> NativeStatus:
+    """Build or load the native extension once, before any timing, and say what it cost.
+
+    A build failure (:class:`~bnlab.functional.native.NativeBuildError`) makes native
+    unavailable, with the error, rather than failing the benchmark.
+    """
+    if device.type != "cpu":
+        return NativeStatus(
+            False,
+            None,
+            None,
+            False,
+            f"the native kernel is CPU-only (on {device.type} it runs the fast kernel)",
+        )
+    loaded_before = native_ext.build_native.cache_info().currsize > 0
+    try:
+        native_ext.build_native()
+    except native_ext.NativeBuildError as e:
+        return NativeStatus(False, None, None, loaded_before, str(e))
+    build_s = getattr(native_ext.build_native, "seconds", None)
+    was_cached = getattr(native_ext.build_native, "was_cached", None)
+    return NativeStatus(True, build_s, was_cached, loaded_before, None)
 
 
 @dataclass(frozen=True)
@@ -139,6 +187,7 @@ def _contenders(
     device: torch.device,
     compiled: bool,
     seed: int,
+    native: bool = False,
 ) -> dict[str, Callable[[], object]]:
     x, g, w, b, rm, rv = _inputs(shape, channels_last, device, seed)
     eps, momentum = 1e-5, 0.1
@@ -156,6 +205,10 @@ def _contenders(
             return run
 
         fns["bnlab"] = no_grad(lambda: batch_norm(x, w, b, rm, rv, training=False).y)
+        if native:
+            fns["native"] = no_grad(
+                lambda: batch_norm(x, w, b, rm, rv, training=False, impl="native").y
+            )
         fns["naive"] = no_grad(
             lambda: naive_batch_norm(x, gamma, beta, mm, mv, eps, momentum, training=False)[0]
         )
@@ -188,6 +241,8 @@ def _contenders(
     fns["fast"] = bnlab("fast")
     if compiled:
         fns["fast_compiled"] = bnlab("fast_compiled")
+    if native:
+        fns["native"] = bnlab("native")
     fns["reference"] = bnlab("reference")
     fns["naive"] = naive
     fns["torch"] = builtin
@@ -208,10 +263,20 @@ def bench_kernel(
     compiled: bool = True,
     seed: int = 0,
     clock: Clock = "wall",
+    native: bool = False,
 ) -> KernelResult:
-    """Time every contender on one (shape, memory format, mode) case."""
+    """Time every contender on one (shape, memory format, mode) case.
+
+    With ``native``, impl="native" is timed too; build it first (:func:`prepare_native`, as
+    :func:`bnlab.bench.run_benchmark` does) to report the build apart. Its build is loaded
+    here, before timing, in any case, so that it never lands in a timed call.
+    """
     clock_function(clock)  # reject a bad clock before any work
-    fns = _contenders(shape, channels_last, mode, device, compiled, seed)
+    if native:
+        if device.type != "cpu":
+            raise ValueError(f"native: the native kernel is CPU-only, got device {device}.")
+        native_ext.build_native()  # cached per process: free after the first call
+    fns = _contenders(shape, channels_last, mode, device, compiled, seed, native)
     sync = synchronizer(device)
     compile_s = None
     if "fast_compiled" in fns:  # the first call compiles forward and backward: timed apart
@@ -244,7 +309,9 @@ __all__ = [
     "LENET_SHAPES",
     "SHAPES",
     "KernelResult",
+    "NativeStatus",
     "bench_kernel",
     "kernel_cases",
     "naive_batch_norm",
+    "prepare_native",
 ]

@@ -40,6 +40,7 @@ def _none(c: int, rank: int) -> nn.Module:
 NORMS: dict[str, NormFactory] = {
     "bnlab": _bnlab("fast"),  # the library's default kernel
     "bnlab_compiled": _bnlab("fast_compiled"),
+    "bnlab_native": _bnlab("native"),  # the fused C++ kernel (CPU; build it first)
     "torch": _torch,
     "none": _none,
 }
@@ -101,7 +102,9 @@ def bench_lenet(
     """Seconds per training epoch for each norm in ``norms``, epochs interleaved by round.
 
     Before its first timed epoch each model takes two untimed steps, on a full and on the last
-    (partial) batch, where bnlab_compiled compiles its kernels (``warmup_s`` reports it).
+    (partial) batch, where bnlab_compiled compiles its kernels (``warmup_s`` reports it);
+    bnlab_native would build its extension there too if it were not built yet, which
+    :func:`bnlab.bench.run_benchmark` does (and reports) before any timing.
     """
     unknown = [n for n in norms if n not in NORMS]
     if unknown:

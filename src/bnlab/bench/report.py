@@ -11,11 +11,23 @@ from typing import Any
 
 import torch
 
-from bnlab.bench.kernels import BASELINE, LARGE_SHAPES, LENET_SHAPES, KernelResult
+from bnlab.bench.kernels import BASELINE, LARGE_SHAPES, LENET_SHAPES, KernelResult, NativeStatus
 from bnlab.bench.lenet import EpochResult
 
-TRAIN_NAMES = ("fast", "fast_compiled", "reference", "naive", "torch", "floor", "floor_alloc")
-EVAL_NAMES = ("bnlab", "naive", "torch", "floor", "floor_alloc")
+TRAIN_NAMES = (
+    "fast",
+    "fast_compiled",
+    "native",
+    "reference",
+    "naive",
+    "torch",
+    "floor",
+    "floor_alloc",
+)
+EVAL_NAMES = ("bnlab", "native", "naive", "torch", "floor", "floor_alloc")
+# the bnlab training kernels with goals of their own, and their BN-LeNet norm names
+GOAL_KERNELS = ("fast", "fast_compiled", "native")
+LENET_GOAL_NORMS = ("bnlab", "bnlab_compiled", "bnlab_native")
 
 
 def cpu_model() -> str:
@@ -70,6 +82,7 @@ class BenchResult:
     config: dict[str, Any]
     kernels: list[KernelResult] = field(default_factory=list)
     lenet: list[EpochResult] = field(default_factory=list)
+    native: NativeStatus | None = None  # None: impl="native" was not asked for
 
     # ------------------------------------------------------------------ goals
 
@@ -77,11 +90,23 @@ class BenchResult:
         return [k for k in self.kernels if k.mode == "train" and k.shape in shapes]
 
     def goals(self) -> list[Goal]:
-        """The performance goals, the training ones for each fast kernel that was measured."""
+        """The performance goals, the training ones for each bnlab kernel that was measured.
+
+        A native kernel that was asked for but could not be built gets one goal, not met,
+        that says so (rather than silently dropping out of the list)."""
         trains = [k for k in self.kernels if k.mode == "train"]
         evals = [k for k in self.kernels if k.mode == "eval"]
-        names = [n for n in ("fast", "fast_compiled") if trains and n in trains[0].times]
+        names = [n for n in GOAL_KERNELS if trains and n in trains[0].times]
         goals: list[Goal] = []
+        if self.native is not None and not self.native.available:
+            goals.append(
+                Goal(
+                    "native kernel measured",
+                    "built and timed",
+                    "unavailable (see the native kernel line above)",
+                    False,
+                )
+            )
         for name in names:
             worst = max(trains, key=lambda k: k.ratio(name))
             goals.append(
@@ -116,18 +141,18 @@ class BenchResult:
                         r <= 3.0,
                     )
                 )
-        if evals:
-            worst = max(evals, key=lambda k: k.ratio("bnlab"))
+        for name in [n for n in ("bnlab", "native") if evals and n in evals[0].times]:
+            worst = max(evals, key=lambda k: k.ratio(name))
             goals.append(
                 Goal(
-                    "eval forward, bnlab, every case",
+                    f"eval forward, {name}, every case",
                     "<= 1.0x torch",
-                    f"worst {worst.ratio('bnlab'):.2f}x ({_case(worst)})",
-                    worst.ratio("bnlab") <= 1.0,
+                    f"worst {worst.ratio(name):.2f}x ({_case(worst)})",
+                    worst.ratio(name) <= 1.0,
                 )
             )
         epochs = {e.norm: e for e in self.lenet}
-        for norm in ("bnlab", "bnlab_compiled"):
+        for norm in LENET_GOAL_NORMS:
             if norm in epochs and "torch" in epochs:
                 r = epochs[norm].median_s / epochs["torch"].median_s
                 goals.append(
@@ -141,6 +166,7 @@ class BenchResult:
         return {
             "machine": self.machine,
             "config": self.config,
+            "native": asdict(self.native) if self.native is not None else None,
             "kernels": [
                 {
                     "shape": list(k.shape),
@@ -184,11 +210,15 @@ class BenchResult:
             f"Median {self._clock_words()} per call in µs (ratio to "
             "torch.nn.functional.batch_norm); training = forward + backward to x, γ, β.",
         ]
+        if self.native is not None:
+            # its build is not in any timing below, so it is stated here
+            lines += ["", f'Native kernel (impl="native"): {self.native.describe()}.']
+        unavailable = self.native is not None and not self.native.available
         for mode, names in (("train", TRAIN_NAMES), ("eval", EVAL_NAMES)):
             rows = [k for k in self.kernels if k.mode == mode]
             if not rows:
                 continue
-            present = [n for n in names if n in rows[0].times]
+            present = [n for n in names if n in rows[0].times or (n == "native" and unavailable)]
             head = ["shape", "layout", *present]
             if mode == "train" and "fast_compiled" in present:
                 head.append("compile s")
@@ -197,6 +227,9 @@ class BenchResult:
             for k in rows:
                 cells = ["×".join(map(str, k.shape)), k.layout]
                 for n in present:
+                    if n not in k.times:  # native, unavailable
+                        cells.append("unavailable")
+                        continue
                     t = k.times[n].median_s * 1e6
                     cells.append(f"{t:.0f}" if n == BASELINE else f"{t:.0f} ({k.ratio(n):.2f}x)")
                 if len(head) > len(cells):

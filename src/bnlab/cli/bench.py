@@ -4,10 +4,15 @@ Every contender runs on the same tensors in one process, interleaved; the table 
 and ratios to torch.nn.functional.batch_norm, then one BN-LeNet training epoch per norm layer,
 then the performance goals met or not. See docs/speed.md for the measured numbers.
 
+The native C++ kernel (impl="native") is built, or loaded from its on-disk cache, once before any
+timing; the table states how long that took, or why the kernel is unavailable.
+
 examples:
   bnlab bench                          # the full benchmark (about 10 minutes on 2 cores)
   bnlab bench --quick                  # a smoke run: few samples, a small epoch, no compile
+                                       # (torch.compile; the native kernel is still timed)
   bnlab bench --out results/bench      # also write results/bench.md and results/bench.json
+  bnlab bench --no-native              # leave out impl="native" (and its build)
   bnlab bench --device cuda --no-lenet
 """
 
@@ -23,7 +28,9 @@ from bnlab.bench import BenchConfig, run_benchmark
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="few samples, small epoch, no compile")
+    parser.add_argument(
+        "--quick", action="store_true", help="few samples, small epoch, no torch.compile"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--out",
@@ -37,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="time impl='fast_compiled' too (default: yes, except with --quick)",
+    )
+    parser.add_argument(
+        "--native",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time impl='native' too, after building it (default: yes on the CPU, where "
+        "alone it runs; a machine's first build compiles for about a minute, reported apart)",
     )
     parser.add_argument(
         "--shapes",
@@ -89,6 +103,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             changes[name] = value
     if args.compile is not None:
         changes["compiled"] = args.compile
+    if args.native is not None:
+        changes["native"] = args.native
+    elif not args.device.startswith("cpu"):
+        changes["native"] = False  # CPU-only: elsewhere impl="native" runs the fast kernel
     if args.clock is not None:
         changes["clock"] = args.clock
     if args.shapes is not None:
