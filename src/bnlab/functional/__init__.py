@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 from bnlab.functional import fast as fast  # registers impl="fast", "fast_compiled", ...
+from bnlab.functional import native as native  # registers impl="native" (compiles on first use)
 from bnlab.functional.norms import (
     batch_renorm,
     ghost_batch_norm,

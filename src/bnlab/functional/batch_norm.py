@@ -132,6 +132,20 @@ def reference_train(
 
 TRAIN_KERNELS: dict[str, TrainKernel] = {"reference": reference_train}
 
+# A prediction kernel: (x, running_mean, running_var, weight, bias, eps) -> y, or None to use
+# the reference scale/shift (e.g. when it cannot handle this input).
+EvalKernel = Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, float], Tensor | None]
+EVAL_KERNELS: dict[str, EvalKernel] = {}
+
+# A training kernel that also updates the running statistics in the same call:
+# (x, weight, bias, eps, running_mean, running_var, w, unbiased) -> (y, new_mean, new_var),
+# with w the weight on the new batch and unbiased the n/(n-1) correction (see running_update).
+UpdatingKernel = Callable[
+    [Tensor, Tensor | None, Tensor | None, float, Tensor, Tensor, float, bool],
+    tuple[Tensor, Tensor, Tensor],
+]
+UPDATING_KERNELS: dict[str, UpdatingKernel] = {}
+
 
 def batch_norm(
     x: Tensor,
@@ -207,6 +221,12 @@ def batch_norm(
 
     if tracking and not training:
         assert running_mean is not None and running_var is not None  # for the type checker
+        eval_kernel = EVAL_KERNELS.get(impl)
+        y_fused = None
+        if eval_kernel is not None:
+            y_fused = eval_kernel(x, running_mean, running_var, weight, bias, eps)
+        if y_fused is not None:
+            return BatchNormResult(y_fused, running_mean, running_var)
         acc = accumulation_dtype(x.dtype)
         scale, shift = scale_shift(running_mean.to(acc), running_var.to(acc), eps, weight, bias)
         return BatchNormResult(apply_scale_shift(x, scale, shift), running_mean, running_var)
@@ -217,6 +237,21 @@ def batch_norm(
         kernel = TRAIN_KERNELS[impl]
     except KeyError:
         raise ValueError(f"impl: expected one of {sorted(TRAIN_KERNELS)}, got {impl!r}.") from None
+    updating = UPDATING_KERNELS.get(impl)
+    if tracking and updating is not None:
+        assert running_mean is not None and running_var is not None
+        return BatchNormResult(
+            *updating(
+                x,
+                weight,
+                bias,
+                eps,
+                running_mean,
+                running_var,
+                conv.new_batch_weight(m, num_batches_tracked),
+                conv.unbiased_running_var,
+            )
+        )
     y, mean, var = kernel(x, weight, bias, eps)
     if not (tracking and training):
         return BatchNormResult(y, running_mean, running_var)
@@ -251,11 +286,13 @@ def running_update(
     (biased or, for PyTorch's convention, unbiased) batch variance over ``count`` values
     (a tensor count keeps the update on the device, without a host synchronization)."""
     w = convention.new_batch_weight(momentum, num_batches_tracked)
-    with torch.no_grad():
-        if convention.unbiased_running_var:
-            var = var * (count / (count - 1))
-        new_mean = (w * mean.detach() + (1.0 - w) * running_mean).to(running_mean.dtype)
-        new_var = (w * var.detach() + (1.0 - w) * running_var).to(running_var.dtype)
+    # lerp(r, s, w) = r + w·(s - r): one operation per statistic (this runs every training
+    # step, where small operations cost more in dispatch than in arithmetic)
+    mean, var = mean.detach(), var.detach()
+    if convention.unbiased_running_var:
+        var = var * (count / (count - 1))
+    new_mean = torch.lerp(running_mean.detach(), mean.to(running_mean.dtype), w)
+    new_var = torch.lerp(running_var.detach(), var.to(running_var.dtype), w)
     return new_mean, new_var
 
 
@@ -272,3 +309,13 @@ def channel_axis_index(channel_axis: int, ndim: int) -> int:
 def register_train_kernel(name: str, kernel: TrainKernel) -> None:
     """Make ``impl=name`` available to :func:`batch_norm` (used by the fast path)."""
     TRAIN_KERNELS[name] = kernel
+
+
+def register_updating_kernel(name: str, kernel: UpdatingKernel) -> None:
+    """Let ``impl=name`` update the running statistics in its own training call."""
+    UPDATING_KERNELS[name] = kernel
+
+
+def register_eval_kernel(name: str, kernel: EvalKernel) -> None:
+    """Give ``impl=name`` its own prediction kernel (else prediction is the reference math)."""
+    EVAL_KERNELS[name] = kernel

@@ -466,7 +466,7 @@ class _FastBatchNorm(torch.autograd.Function):
         )
 
 
-def _fallback_needed() -> bool:
+def fallback_needed() -> bool:
     """torch.func transforms and forward-mode AD need the plain autograd (reference) path."""
     if torch._C._are_functorch_transforms_active():
         return True
@@ -476,7 +476,7 @@ def _fallback_needed() -> bool:
 def _fast_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, policy: Policy
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if _fallback_needed():
+    if fallback_needed():
         return reference_train(x, weight, bias, eps)
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
@@ -518,6 +518,7 @@ __all__ = [
     "CaseStats",
     "clear_kernel_cache",
     "compile_estimate_s",
+    "fallback_needed",
     "fast_auto_train",
     "fast_compiled_train",
     "fast_train",

@@ -258,10 +258,10 @@ class BatchNorm(nn.Module):
                 )
                 self._warned_nonfinite = True
             return
-        with torch.no_grad():
-            self.running_mean.copy_(new_mean)
-            self.running_var.copy_(new_var)
-            self.num_batches_tracked.add_(1)
+        # buffers never require grad and the new values are detached: no no_grad() needed
+        self.running_mean.copy_(new_mean)
+        self.running_var.copy_(new_var)
+        self.num_batches_tracked.add_(1)
 
     def _load_from_state_dict(
         self,

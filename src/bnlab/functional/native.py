@@ -1,0 +1,202 @@
+"""``impl="native"``: the fast kernel's math as fused C++ loops for CPU tensors.
+
+On small tensors an eager PyTorch operation costs more in dispatch than in arithmetic, and the
+analytic kernel of :mod:`bnlab.functional.fast` needs a dozen of them per pass; here forward,
+backward and eval are one call each (csrc/batch_norm.cpp, with the derivation). The autograd
+function lives in C++ too, so a training step pays no Python in the backward pass.
+
+The extension is compiled on first use with the machine's C++ compiler
+(``torch.utils.cpp_extension``, about a minute on a 2-core machine) and cached on disk under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the source, the
+compiler flags, torch's version and the CPU: later processes load it in well under a second.
+Call :func:`build_native` ahead of time (``bnlab bench`` does) to keep that minute out of a run.
+
+Where the C++ kernel does not apply it uses the eager ``fast`` kernel instead: CUDA tensors,
+code being traced by ``torch.compile``, torch.func transforms and forward-mode AD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import time
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from bnlab.functional.batch_norm import (
+    CONVENTIONS,
+    register_eval_kernel,
+    register_train_kernel,
+    register_updating_kernel,
+    running_update,
+)
+from bnlab.functional.fast import fallback_needed, fast_train
+
+SOURCE: Path = Path(__file__).with_name("csrc") / "batch_norm.cpp"
+# -fassociative-math (with the two flags it needs) lets the compiler vectorize the sums; no
+# -ffast-math, which would also assume there are no NaNs (skip_nonfinite relies on them).
+CFLAGS: tuple[str, ...] = (
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+)
+
+log = logging.getLogger(__name__)
+
+
+class NativeBuildError(RuntimeError):
+    """The C++ kernel could not be compiled or loaded."""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def extension_name() -> str:
+    """The cache key: one build per source, flags, torch version and CPU (-march=native)."""
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode()):
+        h.update(part)
+    h.update(_cpu_model().encode())
+    return f"bnlab_native_{h.hexdigest()[:12]}"
+
+
+def _ensure_ninja() -> None:
+    """torch's extension builder runs ``ninja``; the ``ninja`` wheel has one off PATH."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # type: ignore[import-untyped]
+    except ImportError:
+        return  # torch reports it
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@cache
+def build_native() -> ModuleType:
+    """The compiled extension, built on the first call of this process if no cached build exists.
+
+    Raises :class:`NativeBuildError` with the compiler's message when the build fails.
+    """
+    from torch.utils import cpp_extension
+
+    _ensure_ninja()
+    name = extension_name()
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    cached = any(build_dir.glob(f"{name}*.so"))
+    if not cached:
+        log.warning(
+            "bnlab: compiling the native batch-norm kernel into %s (once per machine, about a "
+            "minute)...",
+            build_dir,
+        )
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False
+        )
+    except Exception as e:
+        raise NativeBuildError(
+            f"bnlab: could not build the native batch-norm kernel ({type(e).__name__}: {e}). "
+            "It needs a C++ compiler (g++) and ninja (pip install ninja). Use impl='fast' for "
+            "the same math in eager PyTorch operations, which needs neither."
+        ) from e
+    build_native.seconds = time.perf_counter() - start  # type: ignore[attr-defined]
+    build_native.was_cached = cached  # type: ignore[attr-defined]
+    return module
+
+
+def _use_native(x: Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not fallback_needed()
+
+
+def native_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``impl="native"`` training kernel: (y, batch mean, biased batch variance)."""
+    if not _use_native(x):
+        return fast_train(x, weight, bias, eps)
+    y, mean, var = build_native().train(x, weight, bias, eps)
+    return y, mean, var
+
+
+def native_train_update(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    w: float,
+    unbiased: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``impl="native"`` training step with the running-statistic update in the same call."""
+    if _use_native(x):
+        y, new_mean, new_var = build_native().train_update(
+            x, weight, bias, eps, running_mean, running_var, w, unbiased
+        )
+        return y, new_mean, new_var
+    y, mean, var = fast_train(x, weight, bias, eps)
+    # momentum=w under the torch convention is exactly "weight w on the new batch"
+    convention = CONVENTIONS["torch"] if unbiased else CONVENTIONS["d2l"]
+    momentum = w if unbiased else 1.0 - w
+    new_mean, new_var = running_update(
+        running_mean,
+        running_var,
+        mean,
+        var,
+        x.numel() // x.shape[1],
+        convention=convention,
+        momentum=momentum,
+        num_batches_tracked=0,
+    )
+    return y, new_mean, new_var
+
+
+def native_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor | None:
+    """``impl="native"`` prediction: one pass, or None (use the reference) when a gradient is
+    needed or the input is not on the CPU."""
+    if not _use_native(x) or (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    ):
+        return None
+    y: Tensor = build_native().eval(x, running_mean, running_var, weight, bias, eps)
+    return y
+
+
+register_train_kernel("native", native_train)
+register_updating_kernel("native", native_train_update)
+register_eval_kernel("native", native_eval)
+
+__all__ = [
+    "NativeBuildError",
+    "build_native",
+    "extension_name",
+    "native_eval",
+    "native_train",
+    "native_train_update",
+]

@@ -1,0 +1,247 @@
+"""The native C++ kernel (impl="native") against the reference path, torch's own batch norm,
+float64 math and autograd. It compiles on first use (cached on disk afterwards)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from test_fast import cases, compare, make_input
+from torch import Tensor
+
+from bnlab.functional import batch_norm
+from bnlab.functional import native as native_mod
+from bnlab.functional.batch_norm import EVAL_KERNELS, TRAIN_KERNELS, UPDATING_KERNELS
+from bnlab.nn import BatchNorm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    native_mod.build_native()
+
+
+@settings(max_examples=60)
+@given(cases())
+def test_native_equals_reference(case: tuple) -> None:
+    shape, dtype, affine, channels_last, seed = case
+    compare("native", make_input(shape, dtype, channels_last, seed), affine, dtype)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [((256, 6, 24, 24), False), ((64, 16, 8, 8), True), ((300, 84), False), ((9, 5, 7), False)],
+)
+def test_native_equals_reference_on_larger_shapes(
+    shape: tuple[int, ...], channels_last: bool
+) -> None:
+    """Several partial-sum blocks and threads' worth of rows, both memory orders."""
+    compare("native", make_input(shape, torch.float32, channels_last, 1), True, torch.float32)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape", [(8, 4, 5, 5), (16, 6)])
+def test_module_matches_torch_over_steps(shape: tuple[int, ...], momentum: float | None) -> None:
+    """An independent oracle: torch's module over three steps and then in eval mode."""
+    c = shape[1]
+    layer = BatchNorm(c, num_dims=len(shape), momentum=momentum, impl="native")
+    oracle = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(
+        c, momentum=momentum
+    )
+    with torch.no_grad():
+        for m in (layer, oracle):
+            m.weight.copy_(torch.linspace(0.5, 2.0, c))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, c))
+    for step in range(3):
+        x = make_input(shape, torch.float32, False, 20 + step)
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = layer(xa), oracle(xb)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, oracle.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, oracle.bias.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(layer.running_mean, oracle.running_mean)
+    torch.testing.assert_close(layer.running_var, oracle.running_var)
+    assert int(layer.num_batches_tracked) == int(oracle.num_batches_tracked) == 3
+    layer.eval()
+    oracle.eval()
+    x = make_input(shape, torch.float32, False, 30)
+    torch.testing.assert_close(layer(x), oracle(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_eval_equals_reference(dtype: torch.dtype, channels_last: bool) -> None:
+    x = make_input((6, 5, 4, 3), dtype, channels_last, 2)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(5, dtype=pdt) + 0.5, torch.randn(5, dtype=pdt)
+    rm, rv = torch.randn(5, dtype=pdt), torch.rand(5, dtype=pdt) + 0.5
+    y = batch_norm(x, w, b, rm, rv, training=False, impl="native").y
+    y_ref = batch_norm(x, w, b, rm, rv, training=False, impl="reference").y
+    assert y.dtype == dtype and y.stride() == x.stride()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+    torch.testing.assert_close(y, y_ref, atol=tol[dtype] * 10, rtol=tol[dtype])
+    assert EVAL_KERNELS["native"](x, rm, rv, None, None, 1e-5) is not None
+
+
+def test_eval_with_gradient_uses_the_differentiable_path() -> None:
+    """Fine-tuning with frozen statistics needs ∂x, ∂γ, ∂β through prediction mode."""
+    x = make_input((6, 3, 4), torch.float64, False, 3).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    assert EVAL_KERNELS["native"](x, rm, rv, w, b, 1e-5) is None  # declines: reference runs
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: batch_norm(x, w, b, rm, rv, training=False, impl="native").y, (x, w, b)
+    )
+
+
+def test_no_cancellation_large_mean_tiny_spread() -> None:
+    """Mean 1e4, std 1e-2 in float32: the variance of the float64 reference to 1e-3."""
+    for channels_last in (False, True):
+        x64 = torch.randn(64, 3, 20, 20, generator=torch.Generator().manual_seed(0)).double()
+        x = (x64 * 1e-2 + 1e4).float()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        var64 = x.double().var(dim=(0, 2, 3), unbiased=False)
+        _, _, var = TRAIN_KERNELS["native"](x, None, None, 1e-12)
+        assert ((var.double() - var64).abs() / var64).max().item() < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [((5, 3), False), ((3, 2, 3, 2), False), ((3, 2, 3, 2), True), ((4, 3, 5), False)],
+)
+def test_gradcheck_and_double_backward(shape: tuple[int, ...], channels_last: bool) -> None:
+    x = make_input(shape, torch.float64, channels_last, 5).requires_grad_()
+    w = torch.rand(shape[1], dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(shape[1], dtype=torch.float64).requires_grad_()
+
+    def f(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return native_mod.native_train(x, w, b, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: native_mod.native_train(x, None, None, 1e-3)[0], (x,))
+
+
+def test_gradient_in_another_memory_format_and_odd_strides() -> None:
+    for channels_last in (True, False):
+        x = make_input((4, 3, 5, 5), torch.float32, channels_last, 7)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        g = g.contiguous(
+            memory_format=torch.contiguous_format if channels_last else torch.channels_last
+        )
+        grads = []
+        for impl in ("native", "reference"):
+            xr = x.clone().requires_grad_()
+            batch_norm(xr, training=True, impl=impl).y.backward(g)
+            grads.append(xr.grad)
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    x = make_input((4, 3, 6, 5), torch.float32, False, 8).transpose(2, 3)  # neither format
+    compare("native", x, True, torch.float32)
+
+
+def test_half_input_with_float32_parameters() -> None:
+    x = make_input((6, 3, 4), torch.float16, False, 9).requires_grad_()
+    w = torch.rand(3).add(0.5).requires_grad_()
+    b = torch.randn(3).requires_grad_()
+    y, mean, var = native_mod.native_train(x, w, b, 1e-5)
+    assert y.dtype == torch.float16 and mean.dtype == var.dtype == torch.float32
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float16
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    ref = F.batch_norm(x.detach().float(), None, None, w.detach(), b.detach(), training=True)
+    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_result_does_not_depend_on_the_thread_count() -> None:
+    """Partial sums over fixed blocks: bitwise the same with 1 and 2 threads."""
+    threads = torch.get_num_threads()
+    outs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            for channels_last in (False, True):
+                x = make_input((128, 8, 12, 12), torch.float32, channels_last, 4)
+                xr = x.requires_grad_()
+                y, mean, var = native_mod.native_train(xr, None, None, 1e-5)
+                y.backward(torch.ones_like(y).mul_(torch.arange(12.0)))
+                outs.append((y.detach(), mean, var, xr.grad))
+        finally:
+            torch.set_num_threads(threads)
+    for a, b in zip(outs[:2], outs[2:], strict=True):
+        for s, t in zip(a, b, strict=True):
+            assert torch.equal(s, t)
+
+
+def test_nonfinite_inputs_propagate_and_skip_nonfinite_keeps_the_statistics() -> None:
+    layer = BatchNorm(3, impl="native", skip_nonfinite=True)
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("nan")
+    before = layer.running_mean.clone()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        y = layer(x)
+    assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, [0, 2]]).all()
+    torch.testing.assert_close(layer.running_mean, before)
+
+
+def test_falls_back_to_fast_where_cpp_cannot_run() -> None:
+    """torch.func, forward-mode AD and torch.compile get the eager fast path's result."""
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    x = make_input((6, 3), torch.float32, False, 11)
+
+    def loss(x: Tensor, impl: str) -> Tensor:
+        return batch_norm(x, w, b, training=True, impl=impl).y.pow(3).sum()
+
+    torch.testing.assert_close(
+        torch.func.grad(loss)(x, "native"), torch.func.grad(loss)(x, "reference")
+    )
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), BatchNorm(3, impl="native"))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    inp = torch.randn(8, 4)
+    torch.testing.assert_close(compiled(inp), model(inp))
+
+
+def test_build_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils import cpp_extension
+
+    def broken(**_: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.raises(native_mod.NativeBuildError, match=r"impl=.fast..*needs neither"):
+        native_mod.build_native.__wrapped__()
+
+
+def test_registered_and_cache_key_is_stable() -> None:
+    assert TRAIN_KERNELS["native"] is native_mod.native_train
+    assert UPDATING_KERNELS["native"] is native_mod.native_train_update
+    assert native_mod.extension_name() == native_mod.extension_name()
+    assert native_mod.extension_name().startswith("bnlab_native_")
+
+
+@pytest.mark.parametrize(("has_w", "has_b"), [(False, True), (True, False)])
+@pytest.mark.parametrize("w_grad", [True, False])
+def test_only_one_affine_parameter(has_w: bool, has_b: bool, w_grad: bool) -> None:
+    """γ without β and β without γ (BatchNorm's scale/center options), frozen or learned."""
+    x = make_input((6, 3, 4), torch.float64, False, 12)
+    grads = []
+    for impl in ("native", "reference"):
+        xr = x.clone().requires_grad_()
+        w = (
+            torch.linspace(0.5, 1.5, 3, dtype=torch.float64).requires_grad_(w_grad)
+            if has_w
+            else None
+        )
+        b = torch.linspace(-1, 1, 3, dtype=torch.float64).requires_grad_() if has_b else None
+        y = batch_norm(xr, w, b, training=True, impl=impl).y
+        y.pow(2).sum().backward()
+        grads.append([xr.grad, None if w is None else w.grad, None if b is None else b.grad])
+    for a, e in zip(*grads, strict=True):
+        assert (a is None) == (e is None)
+        if a is not None and e is not None:
+            torch.testing.assert_close(a, e)
