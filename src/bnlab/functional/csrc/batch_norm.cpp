@@ -74,7 +74,9 @@ int64_t grain(int64_t elems_per_item) {
 // sums(x, L, f): for every channel, Σ f(value, channel) over its n·l values, as `acc_t`.
 // `f` returns up to two terms (a, b) summed into out_a and out_b.
 
-template <typename scalar_t, typename acc_t, typename F>
+// `y` (a second tensor in x's layout, or nullptr) is a template flag, so that no branch is
+// left in the inner loops and they vectorize.
+template <bool with_y, typename scalar_t, typename acc_t, typename F>
 void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, acc_t* out_a,
                   acc_t* out_b) {
   const int64_t C = L.c;
@@ -90,9 +92,10 @@ void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, ac
         const int64_t r1 = std::min(L.n, (k + 1) * kRowBlock);
         for (int64_t r = k * kRowBlock; r < r1; ++r) {
           const scalar_t* xr = x + r * C;
-          const scalar_t* yr = y ? y + r * C : nullptr;
+          const scalar_t* yr = with_y ? y + r * C : nullptr;
           for (int64_t c = 0; c < C; ++c) {
-            auto [ta, tb] = f(acc_t(xr[c]), yr ? acc_t(yr[c]) : acc_t(0), c);
+            const acc_t yv = with_y ? acc_t(yr[c]) : acc_t(0);
+            auto [ta, tb] = f(acc_t(xr[c]), yv, c);
             a[c] += ta;
             b[c] += tb;
           }
@@ -115,10 +118,11 @@ void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, ac
       acc_t sa = 0, sb = 0;
       for (int64_t i = 0; i < N; ++i) {
         const scalar_t* xr = x + (i * C + c) * Lw;
-        const scalar_t* yr = y ? y + (i * C + c) * Lw : nullptr;
+        const scalar_t* yr = with_y ? y + (i * C + c) * Lw : nullptr;
         acc_t ra = 0, rb = 0;
         for (int64_t j = 0; j < Lw; ++j) {
-          auto [ta, tb] = f(acc_t(xr[j]), yr ? acc_t(yr[j]) : acc_t(0), c);
+          const acc_t yv = with_y ? acc_t(yr[j]) : acc_t(0);
+          auto [ta, tb] = f(acc_t(xr[j]), yv, c);
           ra += ta;
           rb += tb;
         }
@@ -195,12 +199,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(const Tensor& x_in,
     const int64_t C = L.c;
     const acc_t n = acc_t(L.n * L.l);
     std::vector<acc_t> m0(C), unused(C), s1(C), s2(C), scale(C), shift(C);
-    channel_sums<scalar_t, acc_t>(
+    channel_sums<false, scalar_t, acc_t>(
         xp, nullptr, L, [](acc_t v, acc_t, int64_t) { return std::pair<acc_t, acc_t>(v, 0); },
         m0.data(), unused.data());
     for (auto& m : m0) m /= n;
     const acc_t* m0p = m0.data();
-    channel_sums<scalar_t, acc_t>(
+    channel_sums<false, scalar_t, acc_t>(
         xp, nullptr, L,
         [m0p](acc_t v, acc_t, int64_t c) {
           const acc_t d = v - m0p[c];
@@ -250,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
     acc_t* dbp = db.data_ptr<acc_t>();
     std::vector<acc_t> sum_dy_xc(C);
     // x is the first argument, dy the second
-    channel_sums<scalar_t, acc_t>(
+    channel_sums<true, scalar_t, acc_t>(
         x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), L,
         [mp](acc_t v, acc_t g, int64_t c) { return std::pair<acc_t, acc_t>(g, g * (v - mp[c])); },
         dbp, sum_dy_xc.data());
@@ -370,11 +374,28 @@ std::tuple<Tensor, Tensor, Tensor> train_update(const Tensor& x,
                                                 const Tensor& running_var, double w,
                                                 bool unbiased) {
   auto out = NativeBatchNorm::apply(x, weight, bias, eps);
+  const Tensor &mean = out[1], &var = out[2];  // contiguous, in the accumulation dtype
+  const auto acc = mean.scalar_type();
+  Tensor rm = running_mean.detach().to(acc).contiguous();
+  Tensor rv = running_var.detach().to(acc).contiguous();
+  Tensor new_mean = at::empty_like(rm), new_var = at::empty_like(rv);
   const int64_t count = x.numel() / x.size(1);
-  Tensor var = unbiased ? out[2] * (double(count) / double(count - 1)) : out[2];
-  Tensor new_mean = at::lerp(running_mean.detach(), out[1].to(running_mean.scalar_type()), w);
-  Tensor new_var = at::lerp(running_var.detach(), var.to(running_var.scalar_type()), w);
-  return {out[0], new_mean, new_var};
+  AT_DISPATCH_FLOATING_TYPES(acc, "bnlab_running_update", [&] {
+    // torch.lerp's formula, so that the result is the one of the Python update
+    auto lerp = [w](scalar_t a, scalar_t b) {
+      const scalar_t ws = scalar_t(w);
+      return std::abs(ws) < scalar_t(0.5) ? a + ws * (b - a) : b - (b - a) * (scalar_t(1) - ws);
+    };
+    const scalar_t correction = unbiased ? scalar_t(double(count) / double(count - 1)) : 1;
+    const scalar_t *m = mean.const_data_ptr<scalar_t>(), *v = var.const_data_ptr<scalar_t>();
+    const scalar_t *a = rm.const_data_ptr<scalar_t>(), *b = rv.const_data_ptr<scalar_t>();
+    scalar_t *om = new_mean.data_ptr<scalar_t>(), *ov = new_var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < rm.numel(); ++c) {
+      om[c] = lerp(a[c], m[c]);
+      ov[c] = lerp(b[c], v[c] * correction);
+    }
+  });
+  return {out[0], new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
 }
 
 // y = (x - μ̂)·γ/sqrt(σ̂² + ε) + β with the running statistics, one pass.
