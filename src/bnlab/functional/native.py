@@ -123,7 +123,7 @@ def build_native() -> ModuleType:
 
 
 def _use_native(x: Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not fallback_needed()
+    return x.is_cpu and not torch.compiler.is_compiling() and not fallback_needed()
 
 
 def native_train(
