@@ -169,12 +169,13 @@ at::ScalarType acc_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-// A per-channel tensor as a contiguous acc_t vector, or an empty one for "absent".
+// A per-channel tensor as a contiguous acc_t vector, or an empty one for "absent" (read
+// through its data pointer only, so no detach is needed).
 Tensor per_channel(const c10::optional<Tensor>& t, at::ScalarType acc) {
   if (!t.has_value() || !t->defined()) {
     return Tensor();
   }
-  return t->detach().to(acc).contiguous();
+  return t->to(acc).contiguous();
 }
 
 // ---------------------------------------------------------------- forward / backward
@@ -242,7 +243,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
   const auto opts = x.options().dtype(acc);
   Tensor dw = at::empty({L.c}, opts), db = at::empty({L.c}, opts);
   Tensor dx = at::empty_like(x);
-  Tensor w = weight.defined() ? weight.detach().to(acc).contiguous() : Tensor();
+  Tensor w = weight.defined() ? weight.to(acc).contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t C = L.c;
@@ -376,8 +377,8 @@ std::tuple<Tensor, Tensor, Tensor> train_update(const Tensor& x,
   auto out = NativeBatchNorm::apply(x, weight, bias, eps);
   const Tensor &mean = out[1], &var = out[2];  // contiguous, in the accumulation dtype
   const auto acc = mean.scalar_type();
-  Tensor rm = running_mean.detach().to(acc).contiguous();
-  Tensor rv = running_var.detach().to(acc).contiguous();
+  Tensor rm = running_mean.to(acc).contiguous();
+  Tensor rv = running_var.to(acc).contiguous();
   Tensor new_mean = at::empty_like(rm), new_var = at::empty_like(rv);
   const int64_t count = x.numel() / x.size(1);
   AT_DISPATCH_FLOATING_TYPES(acc, "bnlab_running_update", [&] {
@@ -405,8 +406,8 @@ Tensor eval(const Tensor& x_in, const Tensor& running_mean, const Tensor& runnin
   const Tensor x = view.first;
   const Layout L = view.second;
   const auto acc = acc_type(x.scalar_type());
-  Tensor rm = running_mean.detach().to(acc).contiguous();
-  Tensor rv = running_var.detach().to(acc).contiguous();
+  Tensor rm = running_mean.to(acc).contiguous();
+  Tensor rv = running_var.to(acc).contiguous();
   Tensor w = per_channel(weight, acc), b = per_channel(bias, acc);
   Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_eval", [&] {
