@@ -5,7 +5,8 @@ goes"): PyTorch's fused op against bnlab's pieces, as CPU time of one thread, in
 
 Pieces: the whole call through ``bnlab.functional.batch_norm`` (kernel, autograd and the
 running-statistics update); the same with a kernel that does no work (the wrapper and the
-autograd.Function machinery alone); the eager and the compiled forward and backward math alone.
+autograd.Function machinery alone); the eager and the compiled forward and backward math alone;
+the native C++ kernel through ``batch_norm`` and called directly (no Python wrapper).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from bnlab.bench.timing import time_interleaved
 from bnlab.cli.bench import parse_shapes
-from bnlab.functional import batch_norm
+from bnlab.functional import batch_norm, native
 from bnlab.functional import fast as fast_mod
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_norm(x, w, b, rm, rv, training=True, impl="fast_compiled").y.backward(g)  # compile
 
     real_forward, real_backward = fast_mod._forward, fast_mod._backward
+    ext = native.build_native()
 
     def machinery() -> object:  # the fast kernel's Function with free forward and backward
         fast_mod._forward = lambda *a: (y0.clone(), mean0, var0, invstd0)
@@ -72,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         "bnlab fast_compiled, fwd+bwd": lambda: torch.autograd.grad(
             batch_norm(x, w, b, rm, rv, training=True, impl="fast_compiled").y, params, g
         ),
+        "bnlab native, fwd+bwd": lambda: torch.autograd.grad(
+            batch_norm(x, w, b, rm, rv, training=True, impl="native").y, params, g
+        ),
+        "native C++ call alone, fwd+bwd": lambda: torch.autograd.grad(
+            ext.train_update(x, w, b, 1e-5, rm, rv, 0.1, True)[0], params, g
+        ),
+        "torch F.batch_norm, forward only": no_grad(
+            lambda: F.batch_norm(x, rm, rv, w, b, training=True)
+        ),
+        "native C++ call alone, forward only": no_grad(
+            lambda: ext.train_update(x, w, b, 1e-5, rm, rv, 0.1, True)
+        ),
         "wrapper + Function, no math": machinery,
         "eager forward math": no_grad(lambda: real_forward(xd, wd, bd, 1e-5, "eager")),
         "eager backward math": no_grad(lambda: real_backward(g, xd, mean0, invstd0, wd, "eager")),
@@ -90,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"shape {shape}, CPU time of one thread, median of {args.reps} interleaved samples")
     for name, t in times.items():
-        print(f"  {name:32} {t.median_s * 1e6:8.1f} µs")
+        print(f"  {name:36} {t.median_s * 1e6:8.1f} µs")
     return 0
 
 
