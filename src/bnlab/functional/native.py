@@ -42,6 +42,8 @@ from bnlab.functional.fast import fallback_needed, fast_train
 SOURCE: Path = Path(__file__).with_name("csrc") / "batch_norm.cpp"
 # -fassociative-math (with the two flags it needs) lets the compiler vectorize the sums; no
 # -ffast-math, which would also assume there are no NaNs (skip_nonfinite relies on them).
+# -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, so without it the kernel
+# would run on one thread; the extension then shares torch's libgomp (same soname).
 CFLAGS: tuple[str, ...] = (
     "-O3",
     "-march=native",
@@ -49,7 +51,9 @@ CFLAGS: tuple[str, ...] = (
     "-fassociative-math",
     "-fno-signed-zeros",
     "-fno-trapping-math",
+    "-fopenmp",
 )
+LDFLAGS: tuple[str, ...] = ("-fopenmp",)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,8 @@ def _cpu_model() -> str:
 def extension_name() -> str:
     """The cache key: one build per source, flags, torch version and CPU (-march=native)."""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode()):
+    flags = " ".join(CFLAGS + LDFLAGS).encode()
+    for part in (SOURCE.read_bytes(), flags, torch.__version__.encode()):
         h.update(part)
     h.update(_cpu_model().encode())
     return f"bnlab_native_{h.hexdigest()[:12]}"
@@ -109,7 +114,11 @@ def build_native() -> ModuleType:
     start = time.perf_counter()
     try:
         module = cpp_extension.load(
-            name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            verbose=False,
         )
     except Exception as e:
         raise NativeBuildError(

@@ -43,6 +43,10 @@ class BatchNorm(nn.Module):
         axis: the channel axis (1 as PyTorch; -1 as Keras/Flax for (N, H, W, C) data).
         skip_nonfinite: keep a batch whose statistics are NaN/Inf out of the running estimates
             (one warning per layer); the default, as PyTorch, updates regardless.
+
+    ``impl`` picks the kernel (docs/speed.md): "fast" (default: eager PyTorch operations, no
+    compiler), "native" (fused C++ for CPU tensors, the fastest; compiled once per machine on
+    first use), "fast_compiled"/"fast_auto" (inductor), or "reference" (the readable math).
     """
 
     _version = 2  # same state-dict version as torch's _NormBase, so both load each other's
