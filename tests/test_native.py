@@ -107,8 +107,29 @@ def test_no_cancellation_large_mean_tiny_spread() -> None:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         var64 = x.double().var(dim=(0, 2, 3), unbiased=False)
-        _, _, var = TRAIN_KERNELS["native"](x, None, None, 1e-12)
+        mean64 = x.double().mean(dim=(0, 2, 3), keepdim=True)
+        y, _, var = TRAIN_KERNELS["native"](x, None, None, 1e-12)
         assert ((var.double() - var64).abs() / var64).max().item() < 1e-3
+        y64 = (x.double() - mean64) / var64.sqrt().view(1, -1, 1, 1)
+        assert (y.double() - y64).abs().max().item() < 1e-2  # no x·s + (β - μ·s) cancellation
+
+
+def test_backward_matches_float64_when_the_mean_dwarfs_the_spread() -> None:
+    """Mean 100, std 0.1 in float32, with dy correlated with x (as a loss makes it): ∂x of the
+    float64 math to 1e-3 of its scale."""
+    gen = torch.Generator().manual_seed(3)
+    x64 = torch.randn(32, 6, 12, 12, generator=gen, dtype=torch.float64) * 0.1 + 100
+    x = x64.float()
+    g = torch.randn(x.shape, generator=gen) + ((x64 - 100) / 0.1).float()
+    for channels_last in (False, True):
+        xs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        xr = xs.clone().requires_grad_()
+        TRAIN_KERNELS["native"](xr, None, None, 1e-5)[0].backward(g)
+        xd = x.double().requires_grad_()
+        F.batch_norm(xd, None, None, training=True, eps=1e-5).backward(g.double())
+        assert xr.grad is not None and xd.grad is not None
+        err = (xr.grad.double() - xd.grad).abs().max().item()
+        assert err < 1e-3 * xd.grad.abs().max().item()
 
 
 @pytest.mark.parametrize(
@@ -245,3 +266,30 @@ def test_only_one_affine_parameter(has_w: bool, has_b: bool, w_grad: bool) -> No
         assert (a is None) == (e is None)
         if a is not None and e is not None:
             torch.testing.assert_close(a, e)
+
+
+def test_lenet_training_steps_match_the_fast_kernel() -> None:
+    """The chapter's BN-LeNet, five SGD steps at lr 1.0: native and fast end at the same weights
+    and running statistics (within float32 rounding), and so does eval."""
+    from bnlab.models import lenet
+
+    torch.manual_seed(0)
+    data = torch.rand(5, 32, 1, 28, 28)
+    labels = torch.randint(0, 10, (5, 32))
+    nets = []
+    for impl in ("native", "fast"):
+        torch.manual_seed(1)
+        net = lenet("bnlab", norm_options={"impl": impl})
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+        for x, t in zip(data, labels, strict=True):
+            opt.zero_grad()
+            F.cross_entropy(net(x), t).backward()
+            opt.step()
+        nets.append(net)
+    state_native, state_fast = nets[0].state_dict(), nets[1].state_dict()
+    assert state_native.keys() == state_fast.keys()
+    for key in state_native:
+        torch.testing.assert_close(state_native[key], state_fast[key], atol=2e-4, rtol=1e-3)
+    for net in nets:
+        net.eval()
+    torch.testing.assert_close(nets[0](data[0]), nets[1](data[0]), atol=2e-4, rtol=1e-3)

@@ -135,10 +135,13 @@ void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, ac
   });
 }
 
-// out = x·s + t per channel (s, t in acc_t); out may have another dtype than the accumulator.
-template <typename scalar_t, typename acc_t>
-void apply_affine(const scalar_t* x, const Layout& L, const acc_t* s, const acc_t* t,
-                  scalar_t* out) {
+// out = (x - m)·s + t per channel (m, s, t in acc_t), or x·s + t without m; out may have
+// another dtype than the accumulator. Training centers first: x·s + (β - μ·s) cancels when
+// |μ| ≫ σ (s = γ/σ is then large), (x - μ)·s does not. Eval uses x·s + t, as PyTorch does
+// and as a folded layer must.
+template <bool centered, typename scalar_t, typename acc_t>
+void apply_affine(const scalar_t* x, const Layout& L, const acc_t* m, const acc_t* s,
+                  const acc_t* t, scalar_t* out) {
   const int64_t C = L.c;
   if (L.rows) {
     at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
@@ -146,7 +149,8 @@ void apply_affine(const scalar_t* x, const Layout& L, const acc_t* s, const acc_
         const scalar_t* xr = x + r * C;
         scalar_t* o = out + r * C;
         for (int64_t c = 0; c < C; ++c) {
-          o[c] = scalar_t(acc_t(xr[c]) * s[c] + t[c]);
+          const acc_t v = centered ? acc_t(xr[c]) - m[c] : acc_t(xr[c]);
+          o[c] = scalar_t(v * s[c] + t[c]);
         }
       }
     });
@@ -155,11 +159,12 @@ void apply_affine(const scalar_t* x, const Layout& L, const acc_t* s, const acc_
   const int64_t Lw = L.l;
   at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const acc_t sc = s[p % C], sh = t[p % C];
+      const acc_t mc = centered ? m[p % C] : acc_t(0), sc = s[p % C], sh = t[p % C];
       const scalar_t* xr = x + p * Lw;
       scalar_t* o = out + p * Lw;
       for (int64_t j = 0; j < Lw; ++j) {
-        o[j] = scalar_t(acc_t(xr[j]) * sc + sh);
+        const acc_t v = centered ? acc_t(xr[j]) - mc : acc_t(xr[j]);
+        o[j] = scalar_t(v * sc + sh);
       }
     }
   });
@@ -224,9 +229,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(const Tensor& x_in,
       vp[c] = v;
       ip[c] = acc_t(1) / std::sqrt(v + acc_t(eps));
       scale[c] = wp ? wp[c] * ip[c] : ip[c];
-      shift[c] = (bp ? bp[c] : acc_t(0)) - mp[c] * scale[c];
+      // y = (x - μ)·s + β = (x - m0)·s + (β - δ·s): x - m0 is exact where the rounded μ is not
+      shift[c] = (bp ? bp[c] : acc_t(0)) - delta * scale[c];
     }
-    apply_affine<scalar_t, acc_t>(xp, L, scale.data(), shift.data(), y.data_ptr<scalar_t>());
+    apply_affine<true, scalar_t, acc_t>(xp, L, m0.data(), scale.data(), shift.data(),
+                                        y.data_ptr<scalar_t>());
   });
   return {y, mean, var, invstd};
 }
@@ -259,13 +266,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
         x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), L,
         [mp](acc_t v, acc_t g, int64_t c) { return std::pair<acc_t, acc_t>(g, g * (v - mp[c])); },
         dbp, sum_dy_xc.data());
-    // ∂x = s·dy + k·(x - μ) + c0 = s·dy + k·x + (c0 - k·μ)
+    // ∂x = s·dy + k·(x - μ) + c0, centered for the reason apply_affine gives
     std::vector<acc_t> s(C), k(C), t(C);
     for (int64_t c = 0; c < C; ++c) {
       s[c] = wp ? wp[c] * ip[c] : ip[c];
       k[c] = -s[c] * ip[c] * ip[c] * sum_dy_xc[c] / n;
       const acc_t c0 = -s[c] * dbp[c] / n;
-      t[c] = c0 - k[c] * mp[c];
+      t[c] = c0;
       dwp[c] = sum_dy_xc[c] * ip[c];
     }
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -277,7 +284,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t c = 0; c < Cn; ++c) {
             const int64_t i = r * Cn + c;
-            op[i] = scalar_t(s[c] * acc_t(gp[i]) + k[c] * acc_t(xp[i]) + t[c]);
+            op[i] = scalar_t(s[c] * acc_t(gp[i]) + k[c] * (acc_t(xp[i]) - mp[c]) + t[c]);
           }
         }
       });
@@ -286,9 +293,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
       at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t c = p % C;
-          const acc_t sc = s[c], kc = k[c], tc = t[c];
+          const acc_t sc = s[c], kc = k[c], tc = t[c], mc = mp[c];
           for (int64_t j = p * Lw; j < (p + 1) * Lw; ++j) {
-            op[j] = scalar_t(sc * acc_t(gp[j]) + kc * acc_t(xp[j]) + tc);
+            op[j] = scalar_t(sc * acc_t(gp[j]) + kc * (acc_t(xp[j]) - mc) + tc);
           }
         }
       });
@@ -423,8 +430,8 @@ Tensor eval(const Tensor& x_in, const Tensor& running_mean, const Tensor& runnin
       s[c] = wp ? wp[c] * inv : inv;
       t[c] = (bp ? bp[c] : acc_t(0)) - mp[c] * s[c];
     }
-    apply_affine<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), L, s.data(), t.data(),
-                                  y.data_ptr<scalar_t>());
+    apply_affine<false, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), L, nullptr, s.data(),
+                                         t.data(), y.data_ptr<scalar_t>());
   });
   return y;
 }
