@@ -44,7 +44,7 @@ std::pair<Tensor, Layout> canonical(const Tensor& x) {
   const int64_t numel = x.numel();
   TORCH_CHECK(numel > 0 && c > 0, "bnlab native batch norm: empty input ", x.sizes());
   if (x.dim() == 2) {
-    return {x.contiguous(), {true, x.size(0), c, 1}};
+    return {x.is_contiguous() ? x : x.contiguous(), {true, x.size(0), c, 1}};
   }
   if (x.is_contiguous()) {
     return {x, {false, x.size(0), c, numel / (x.size(0) * c)}};
@@ -174,13 +174,23 @@ at::ScalarType acc_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// t in dtype `dt` (and contiguous), with no dispatcher call when it already is: on small
+// inputs the ~15 no-op .to()/.contiguous() calls of a step are a measurable share of it.
+Tensor as_dtype(const Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t : t.to(dt);
+}
+
+Tensor as_acc(const Tensor& t, at::ScalarType acc) {
+  return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
+}
+
 // A per-channel tensor as a contiguous acc_t vector, or an empty one for "absent" (read
 // through its data pointer only, so no detach is needed).
 Tensor per_channel(const c10::optional<Tensor>& t, at::ScalarType acc) {
   if (!t.has_value() || !t->defined()) {
     return Tensor();
   }
-  return t->to(acc).contiguous();
+  return as_acc(*t, acc);
 }
 
 // ---------------------------------------------------------------- forward / backward
@@ -245,12 +255,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
   auto view = canonical(x_in);
   const Tensor x = view.first;
   const Layout L = view.second;
-  Tensor dy = same_strides(dy_in.to(x.scalar_type()), x);
+  Tensor dy = same_strides(as_dtype(dy_in, x.scalar_type()), x);
   const auto acc = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(acc);
   Tensor dw = at::empty({L.c}, opts), db = at::empty({L.c}, opts);
   Tensor dx = at::empty_like(x);
-  Tensor w = weight.defined() ? weight.to(acc).contiguous() : Tensor();
+  Tensor w = weight.defined() ? as_acc(weight, acc) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t C = L.c;
@@ -358,9 +368,10 @@ struct NativeBatchNorm : public torch::autograd::Function<NativeBatchNorm> {
     const bool has_w = ctx->saved_data["has_weight"].toBool(), has_b = bias_dtype >= 0;
     const size_t b_index = has_w ? 2 : 1;  // the node's inputs: x, then those present
     return {
-        ctx->needs_input_grad(0) ? dx.view(x.sizes()) : Tensor(),
-        has_w && ctx->needs_input_grad(1) ? dw.to(w.scalar_type()) : Tensor(),
-        has_b && ctx->needs_input_grad(b_index) ? db.to(at::ScalarType(bias_dtype)) : Tensor(),
+        ctx->needs_input_grad(0) ? dx : Tensor(),  // shaped like x by construction
+        has_w && ctx->needs_input_grad(1) ? as_dtype(dw, w.scalar_type()) : Tensor(),
+        has_b && ctx->needs_input_grad(b_index) ? as_dtype(db, at::ScalarType(bias_dtype))
+                                                : Tensor(),
         Tensor(),
     };
   }
@@ -384,8 +395,8 @@ std::tuple<Tensor, Tensor, Tensor> train_update(const Tensor& x,
   auto out = NativeBatchNorm::apply(x, weight, bias, eps);
   const Tensor &mean = out[1], &var = out[2];  // contiguous, in the accumulation dtype
   const auto acc = mean.scalar_type();
-  Tensor rm = running_mean.to(acc).contiguous();
-  Tensor rv = running_var.to(acc).contiguous();
+  Tensor rm = as_acc(running_mean, acc);
+  Tensor rv = as_acc(running_var, acc);
   Tensor new_mean = at::empty_like(rm), new_var = at::empty_like(rv);
   const int64_t count = x.numel() / x.size(1);
   AT_DISPATCH_FLOATING_TYPES(acc, "bnlab_running_update", [&] {
@@ -403,7 +414,8 @@ std::tuple<Tensor, Tensor, Tensor> train_update(const Tensor& x,
       ov[c] = lerp(b[c], v[c] * correction);
     }
   });
-  return {out[0], new_mean.to(running_mean.scalar_type()), new_var.to(running_var.scalar_type())};
+  return {out[0], as_dtype(new_mean, running_mean.scalar_type()),
+          as_dtype(new_var, running_var.scalar_type())};
 }
 
 // y = (x - μ̂)·γ/sqrt(σ̂² + ε) + β with the running statistics, one pass.
@@ -413,8 +425,8 @@ Tensor eval(const Tensor& x_in, const Tensor& running_mean, const Tensor& runnin
   const Tensor x = view.first;
   const Layout L = view.second;
   const auto acc = acc_type(x.scalar_type());
-  Tensor rm = running_mean.to(acc).contiguous();
-  Tensor rv = running_var.to(acc).contiguous();
+  Tensor rm = as_acc(running_mean, acc);
+  Tensor rv = as_acc(running_var, acc);
   Tensor w = per_channel(weight, acc), b = per_channel(bias, acc);
   Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_eval", [&] {
