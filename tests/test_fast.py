@@ -283,7 +283,8 @@ def test_no_affine_gradcheck() -> None:
     )
 
 
-def test_gradient_in_another_memory_format() -> None:
+@pytest.mark.parametrize("impl", ["fast", "native"])
+def test_gradient_in_another_memory_format(impl: str) -> None:
     """dy need not share x's layout (a contiguous gradient for a channels-last x, and back)."""
     for channels_last in (True, False):
         x = make_input((4, 3, 5, 5), torch.float32, channels_last, 7)
@@ -292,24 +293,26 @@ def test_gradient_in_another_memory_format() -> None:
             memory_format=torch.contiguous_format if channels_last else torch.channels_last
         )
         grads = []
-        for impl in ("fast", "reference"):
+        for kernel in (impl, "reference"):
             xr = x.clone().requires_grad_()
-            batch_norm(xr, training=True, impl=impl).y.backward(g)
+            batch_norm(xr, training=True, impl=kernel).y.backward(g)
             grads.append(xr.grad)
         assert grads[0] is not None and grads[1] is not None
         torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
-def test_odd_strides_are_copied_not_mishandled() -> None:
+@pytest.mark.parametrize("impl", ["fast", "native"])
+def test_odd_strides_are_copied_not_mishandled(impl: str) -> None:
     x = make_input((4, 3, 6, 5), torch.float32, False, 8).transpose(2, 3)  # neither format
-    compare("fast", x, True, torch.float32)
+    compare(impl, x, True, torch.float32)
 
 
-def test_half_input_with_float32_parameters() -> None:
+@pytest.mark.parametrize("impl", ["fast", "native"])
+def test_half_input_with_float32_parameters(impl: str) -> None:
     x = make_input((6, 3, 4), torch.float16, False, 9).requires_grad_()
     w = torch.rand(3).add(0.5).requires_grad_()
     b = torch.randn(3).requires_grad_()
-    y, mean, var = fast_mod.fast_train(x, w, b, 1e-5)
+    y, mean, var = TRAIN_KERNELS[impl](x, w, b, 1e-5)
     assert y.dtype == torch.float16 and mean.dtype == var.dtype == torch.float32
     y.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float16

@@ -149,36 +149,6 @@ def test_gradcheck_and_double_backward(shape: tuple[int, ...], channels_last: bo
     assert torch.autograd.gradcheck(lambda x: native_mod.native_train(x, None, None, 1e-3)[0], (x,))
 
 
-def test_gradient_in_another_memory_format_and_odd_strides() -> None:
-    for channels_last in (True, False):
-        x = make_input((4, 3, 5, 5), torch.float32, channels_last, 7)
-        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-        g = g.contiguous(
-            memory_format=torch.contiguous_format if channels_last else torch.channels_last
-        )
-        grads = []
-        for impl in ("native", "reference"):
-            xr = x.clone().requires_grad_()
-            batch_norm(xr, training=True, impl=impl).y.backward(g)
-            grads.append(xr.grad)
-        torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
-    x = make_input((4, 3, 6, 5), torch.float32, False, 8).transpose(2, 3)  # neither format
-    compare("native", x, True, torch.float32)
-
-
-def test_half_input_with_float32_parameters() -> None:
-    x = make_input((6, 3, 4), torch.float16, False, 9).requires_grad_()
-    w = torch.rand(3).add(0.5).requires_grad_()
-    b = torch.randn(3).requires_grad_()
-    y, mean, var = native_mod.native_train(x, w, b, 1e-5)
-    assert y.dtype == torch.float16 and mean.dtype == var.dtype == torch.float32
-    y.float().sum().backward()
-    assert x.grad is not None and x.grad.dtype == torch.float16
-    assert w.grad is not None and w.grad.dtype == torch.float32
-    ref = F.batch_norm(x.detach().float(), None, None, w.detach(), b.detach(), training=True)
-    torch.testing.assert_close(y.float(), ref, atol=1e-2, rtol=1e-2)
-
-
 def test_result_does_not_depend_on_the_thread_count() -> None:
     """Partial sums over fixed blocks: bitwise the same with 1 and 2 threads."""
     threads = torch.get_num_threads()

@@ -139,10 +139,11 @@ EVAL_KERNELS: dict[str, EvalKernel] = {}
 
 # A training kernel that also updates the running statistics in the same call:
 # (x, weight, bias, eps, running_mean, running_var, w, unbiased) -> (y, new_mean, new_var),
-# with w the weight on the new batch and unbiased the n/(n-1) correction (see running_update).
+# with w the weight on the new batch and unbiased the n/(n-1) correction (see running_update),
+# or None to decline this input (then the train kernel and running_update run instead).
 UpdatingKernel = Callable[
     [Tensor, Tensor | None, Tensor | None, float, Tensor, Tensor, float, bool],
-    tuple[Tensor, Tensor, Tensor],
+    tuple[Tensor, Tensor, Tensor] | None,
 ]
 UPDATING_KERNELS: dict[str, UpdatingKernel] = {}
 
@@ -245,18 +246,18 @@ def batch_norm(
     updating = UPDATING_KERNELS.get(impl)
     if tracking and updating is not None:
         assert running_mean is not None and running_var is not None
-        return BatchNormResult(
-            *updating(
-                x,
-                weight,
-                bias,
-                eps,
-                running_mean,
-                running_var,
-                conv.new_batch_weight(m, num_batches_tracked),
-                conv.unbiased_running_var,
-            )
+        fused = updating(
+            x,
+            weight,
+            bias,
+            eps,
+            running_mean,
+            running_var,
+            conv.new_batch_weight(m, num_batches_tracked),
+            conv.unbiased_running_var,
         )
+        if fused is not None:
+            return BatchNormResult(*fused)
     y, mean, var = kernel(x, weight, bias, eps)
     if not (tracking and training):
         return BatchNormResult(y, running_mean, running_var)

@@ -31,11 +31,9 @@ import torch
 from torch import Tensor
 
 from bnlab.functional.batch_norm import (
-    CONVENTIONS,
     register_eval_kernel,
     register_train_kernel,
     register_updating_kernel,
-    running_update,
 )
 from bnlab.functional.fast import fallback_needed, fast_train
 
@@ -154,26 +152,13 @@ def native_train_update(
     running_var: Tensor,
     w: float,
     unbiased: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``impl="native"`` training step with the running-statistic update in the same call."""
-    if _use_native(x):
-        y, new_mean, new_var = build_native().train_update(
-            x, weight, bias, eps, running_mean, running_var, w, unbiased
-        )
-        return y, new_mean, new_var
-    y, mean, var = fast_train(x, weight, bias, eps)
-    # momentum=w under the torch convention is exactly "weight w on the new batch"
-    convention = CONVENTIONS["torch"] if unbiased else CONVENTIONS["d2l"]
-    momentum = w if unbiased else 1.0 - w
-    new_mean, new_var = running_update(
-        running_mean,
-        running_var,
-        mean,
-        var,
-        x.numel() // x.shape[1],
-        convention=convention,
-        momentum=momentum,
-        num_batches_tracked=0,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``impl="native"`` training step with the running-statistic update in the same call, or
+    None where the C++ kernel does not run (``batch_norm`` then takes its general path)."""
+    if not _use_native(x):
+        return None
+    y, new_mean, new_var = build_native().train_update(
+        x, weight, bias, eps, running_mean, running_var, w, unbiased
     )
     return y, new_mean, new_var
 
