@@ -3,6 +3,8 @@ float64 math and autograd. It compiles on first use (cached on disk afterwards).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,14 @@ def test_native_equals_reference(case: tuple) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "channels_last"),
-    [((256, 6, 24, 24), False), ((64, 16, 8, 8), True), ((300, 84), False), ((9, 5, 7), False)],
+    [
+        ((256, 6, 24, 24), False),
+        ((64, 16, 8, 8), True),
+        ((300, 84), False),
+        ((9, 5, 7), False),
+        ((16, 8, 48, 48), False),  # 1.2 MB: y and ∂x come from the output cache
+        ((16, 8, 48, 48), True),
+    ],
 )
 def test_native_equals_reference_on_larger_shapes(
     shape: tuple[int, ...], channels_last: bool
@@ -263,3 +272,103 @@ def test_lenet_training_steps_match_the_fast_kernel() -> None:
     for net in nets:
         net.eval()
     torch.testing.assert_close(nets[0](data[0]), nets[1](data[0]), atol=2e-4, rtol=1e-3)
+
+
+LARGE = (16, 8, 48, 48)  # 1.2 MB of float32, above the output cache's 1 MiB threshold
+
+
+def _step(x: Tensor, seed: int) -> tuple[Tensor, ...]:
+    """y, mean, var and the three gradients of one training step of the native kernel."""
+    c = x.shape[1]
+    w = (torch.rand(c, generator=torch.Generator().manual_seed(seed)) + 0.5).requires_grad_()
+    b = torch.randn(c, generator=torch.Generator().manual_seed(seed + 1)).requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 2))
+    x = x.detach().requires_grad_()
+    y, mean, var = native_mod.native_train(x, w, b, 1e-5)
+    grads = torch.autograd.grad(y, (x, w, b), g.contiguous(memory_format=_format(x)))
+    return (y.detach(), mean, var, *grads)
+
+
+def _format(x: Tensor) -> torch.memory_format:
+    cl = x.dim() == 4 and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+@pytest.fixture
+def cache_limit() -> Iterator[None]:
+    """Restores the output cache's limit after a test that changes it."""
+    before = native_mod.output_cache_info()["limit_bytes"]
+    yield
+    native_mod.set_output_cache_limit(before)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_cache_reuses_freed_blocks_without_changing_results(
+    channels_last: bool, cache_limit: object
+) -> None:
+    """Outputs from reused (dirty) blocks are bitwise the outputs of fresh memory, and equal
+    torch's."""
+    x = make_input(LARGE, torch.float32, channels_last, 40)
+    other = make_input(LARGE, torch.float32, channels_last, 41) * 7
+    native_mod.set_output_cache_limit(0)
+    fresh = _step(x, 1)
+    assert native_mod.output_cache_info()["cached_bytes"] == 0
+    native_mod.set_output_cache_limit(64 << 20)
+    native_mod.empty_output_cache()
+    _step(other, 2)  # its freed outputs fill the cache with another step's values
+    filled = native_mod.output_cache_info()
+    assert filled["cached_bytes"] >= 2 * x.numel() * 4, filled
+    reused = _step(x, 1)
+    after = native_mod.output_cache_info()
+    assert after["hits"] >= filled["hits"] + 2, (filled, after)
+    for a, b in zip(fresh, reused, strict=True):
+        assert torch.equal(a, b)
+    assert reused[0].stride() == x.stride() and reused[3].stride() == x.stride()
+    # torch's batch norm on the same x, γ, β and dy (the seeds of _step(x, 1))
+    xr = x.detach().requires_grad_()
+    wt = torch.rand(8, generator=torch.Generator().manual_seed(1)) + 0.5
+    bt = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    yt = F.batch_norm(xr, None, None, wt, bt, training=True)
+    g = torch.randn(LARGE, generator=torch.Generator().manual_seed(3))
+    dxt = torch.autograd.grad(yt, xr, g.contiguous(memory_format=_format(x)))[0]
+    torch.testing.assert_close(reused[0], yt.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reused[3], dxt, atol=1e-5, rtol=1e-5)
+
+
+def test_output_cache_respects_its_limit_and_empties(cache_limit: object) -> None:
+    native_mod.set_output_cache_limit(3 << 20)  # room for one 2 MiB block, not two
+    native_mod.empty_output_cache()
+    _step(make_input(LARGE, torch.float32, False, 5), 6)
+    info = native_mod.output_cache_info()
+    assert 0 < info["cached_bytes"] <= 3 << 20, info
+    native_mod.empty_output_cache()
+    assert native_mod.output_cache_info()["cached_bytes"] == 0
+    assert native_mod.output_cache_info()["limit_bytes"] == 3 << 20
+
+
+def test_cached_output_is_an_ordinary_resizable_tensor(cache_limit: object) -> None:
+    native_mod.set_output_cache_limit(64 << 20)
+    x = make_input(LARGE, torch.float32, False, 8)
+    rm, rv = torch.zeros(8), torch.ones(8)
+    with torch.no_grad():
+        y = native_mod.native_eval(x, rm, rv, None, None, 1e-5)
+    assert y is not None
+    expected = F.batch_norm(x, rm, rv, training=False)
+    torch.testing.assert_close(y, expected)
+    y.resize_(2 * y.numel())  # grows through the cache's allocator, keeping the values
+    torch.testing.assert_close(y[: x.numel()], expected.reshape(-1))
+    y.zero_()
+
+
+def test_output_cache_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(native_mod.CACHE_ENV, raising=False)
+    assert native_mod._cache_limit_from_env() == native_mod.DEFAULT_CACHE_MB << 20
+    monkeypatch.setenv(native_mod.CACHE_ENV, "64")
+    assert native_mod._cache_limit_from_env() == 64 << 20
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setenv(native_mod.CACHE_ENV, bad)
+        with pytest.raises(ValueError, match=r"BNLAB_NATIVE_CACHE_MB=.*whole number of MiB"):
+            native_mod._cache_limit_from_env()
+    for bad_limit in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="byte count"):
+            native_mod.set_output_cache_limit(bad_limit)  # type: ignore[arg-type]

@@ -13,6 +13,12 @@ Call :func:`build_native` ahead of time (``bnlab bench`` does) to keep that minu
 
 Where the C++ kernel does not apply it uses the eager ``fast`` kernel instead: CUDA tensors,
 code being traced by ``torch.compile``, torch.func transforms and forward-mode AD.
+
+Outputs of 1 MiB or more (y, and ∂x in the backward) take their memory from a cache of freed
+blocks, as PyTorch's CUDA allocator does: glibc returns large blocks to the OS on free, and
+faulting a fresh 51 MB output back in costs more than the kernel itself. The cache keeps at
+most ``BNLAB_NATIVE_CACHE_MB`` MiB of freed memory (default 512; 0 turns it off); see
+:func:`output_cache_info`, :func:`set_output_cache_limit` and :func:`empty_output_cache`.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ CFLAGS: tuple[str, ...] = (
     "-fopenmp",
 )
 LDFLAGS: tuple[str, ...] = ("-fopenmp",)
+CACHE_ENV = "BNLAB_NATIVE_CACHE_MB"
+DEFAULT_CACHE_MB = 512
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +134,42 @@ def build_native() -> ModuleType:
         ) from e
     build_native.seconds = time.perf_counter() - start  # type: ignore[attr-defined]
     build_native.was_cached = cached  # type: ignore[attr-defined]
+    module.set_cache_limit(_cache_limit_from_env())
     return module
+
+
+def _cache_limit_from_env() -> int:
+    raw = os.environ.get(CACHE_ENV)
+    if raw is None:
+        return DEFAULT_CACHE_MB << 20
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ValueError(
+            f"{CACHE_ENV}={raw!r}: expected a whole number of MiB, 0 or more (0 turns the native "
+            f"kernel's output cache off), e.g. {CACHE_ENV}={DEFAULT_CACHE_MB}"
+        )
+    return mb << 20
+
+
+def output_cache_info() -> dict[str, int]:
+    """The native kernel's output cache: ``cached_bytes`` (freed memory it holds now),
+    ``limit_bytes``, and ``hits``/``misses`` (outputs served from it, or newly allocated)."""
+    return dict(build_native().cache_info())
+
+
+def set_output_cache_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of freed output memory (0: no cache); frees the excess now."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_output_cache_limit: expected a byte count >= 0, got {nbytes!r}")
+    build_native().set_cache_limit(nbytes)
+
+
+def empty_output_cache() -> None:
+    """Return every cached block to the system allocator (like ``torch.cuda.empty_cache``)."""
+    build_native().empty_cache()
 
 
 def _use_native(x: Tensor) -> bool:
@@ -189,8 +232,11 @@ register_eval_kernel("native", native_eval)
 __all__ = [
     "NativeBuildError",
     "build_native",
+    "empty_output_cache",
     "extension_name",
     "native_eval",
     "native_train",
     "native_train_update",
+    "output_cache_info",
+    "set_output_cache_limit",
 ]

@@ -3,12 +3,16 @@
 // Every input is read as one of two memory orders (no copy for contiguous or channels-last):
 //   rows  (M, C): channels innermost, (N, C) and channels-last of any rank
 //   ncl   (N, C, L): contiguous NC*, one run of L values per (n, c)
-// Statistics: corrected two-pass (m0 = mean, then Σd and Σd² of d = x - m0), in float32 for
-// half inputs and in the input's dtype otherwise. Partial sums are taken over fixed blocks, so
-// the result does not depend on the number of threads.
+// Statistics in one read of x: each block of a few KB gets a corrected two-pass (block mean mb,
+// then Σd and Σd² of d = x - mb, while the block is still in the L1/L2 cache), in float32 for
+// half inputs and in the input's dtype otherwise; blocks are merged in double with Chan et
+// al.'s pairwise update. Blocks and the merge order are fixed by the shape, so the result does
+// not depend on the number of threads.
 //
 // The autograd function saves x, γ, μ and invstd; its backward is two passes:
 //   Σdy, Σdy·(x - μ), then ∂x = s·dy + k·(x - μ) + c per element.
+// Every pass walks memory in order (strided per-channel walks over short runs cost up to 2x).
+// Outputs of 1 MiB or more take their memory from a cache of freed blocks (OutputCache).
 // With create_graph=True the backward is recomputed from x with ATen operations, so higher
 // derivatives are exact.
 
@@ -18,8 +22,15 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+
 #include <algorithm>
+#include <mutex>
+#include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -30,6 +41,7 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kRowBlock = 128;       // rows per partial sum (rows layout)
 constexpr int64_t kGrainElems = 1 << 15;  // smallest piece of work worth a thread
+constexpr int64_t kRunGroup = 256;        // ncl sums: fewest values per partial sum
 
 struct Layout {
   bool rows;
@@ -69,14 +81,131 @@ int64_t grain(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
 }
 
+// ---------------------------------------------------------------- output cache
+//
+// glibc serves every block above its mmap threshold (at most 32 MB) with fresh pages from the
+// OS and returns them on free, so each new 51 MB output of a (64, 64, 56, 56) step pays some
+// 12,000 page faults on first touch: more time than the kernel's arithmetic. Outputs of at
+// least kCacheMinBytes are therefore taken from a cache of freed blocks, as PyTorch's CUDA
+// allocator does. The tensors are ordinary resizable CPU tensors; only their memory, once
+// freed, waits in the cache (at most `limit` bytes, which 0 disables) for the next output of
+// the same rounded size.
+constexpr size_t kCacheMinBytes = size_t(1) << 20;
+constexpr size_t kCacheRound = size_t(2) << 20;  // sizes are rounded up to 2 MiB
+
+class OutputCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    const size_t size = (n + kCacheRound - 1) / kCacheRound * kCacheRound;
+    void* p = nullptr;
+    bool cached = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cached = n >= kCacheMinBytes && limit_ > 0;
+      auto it = cached ? free_.find(size) : free_.end();
+      if (it != free_.end() && !it->second.empty()) {
+        p = it->second.back();
+        it->second.pop_back();
+        cached_ -= size;
+        ++hits_;
+      } else if (cached) {
+        ++misses_;
+      }
+    }
+    if (!cached) {
+      return c10::GetCPUAllocator()->allocate(n);
+    }
+    if (p == nullptr) {
+      p = c10::alloc_cpu(size);
+    }
+    return {p, new Block{p, size, this}, &OutputCache::release, c10::Device(c10::kCPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  void set_limit(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    limit_ = bytes;
+    trim_locked(limit_);
+  }
+
+  void empty() {
+    std::lock_guard<std::mutex> lock(mu_);
+    trim_locked(0);
+  }
+
+  std::unordered_map<std::string, int64_t> info() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {{"cached_bytes", int64_t(cached_)},
+            {"limit_bytes", int64_t(limit_)},
+            {"hits", hits_},
+            {"misses", misses_}};
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t size;
+    OutputCache* owner;
+  };
+
+  static void release(void* ctx) {
+    auto* b = static_cast<Block*>(ctx);
+    b->owner->put(b->p, b->size);
+    delete b;
+  }
+
+  void put(void* p, size_t size) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cached_ + size <= limit_) {
+        free_[size].push_back(p);
+        cached_ += size;
+        return;
+      }
+    }
+    c10::free_cpu(p);
+  }
+
+  // Frees cached blocks until at most `keep` bytes are left.
+  void trim_locked(size_t keep) {
+    for (auto& [size, blocks] : free_) {
+      while (cached_ > keep && !blocks.empty()) {
+        c10::free_cpu(blocks.back());
+        blocks.pop_back();
+        cached_ -= size;
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+  size_t limit_ = size_t(512) << 20;  // bnlab.functional.native sets it from the environment
+  int64_t hits_ = 0, misses_ = 0;
+};
+
+// Never destroyed: tensors may outlive static destruction at exit and still free into it.
+OutputCache& output_cache() {
+  static auto* cache = new OutputCache();
+  return *cache;
+}
+
+// An uninitialized tensor with x's sizes, strides and dtype (x is dense), from the cache.
+Tensor empty_output(const Tensor& x) {
+  return Tensor(at::detail::empty_strided_generic(x.sizes(), x.strides(), &output_cache(),
+                                                  c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                  x.scalar_type()));
+}
+
 // ---------------------------------------------------------------- per-channel sums
 //
-// sums(x, L, f): for every channel, Σ f(value, channel) over its n·l values, as `acc_t`.
-// `f` returns up to two terms (a, b) summed into out_a and out_b.
-
-// `y` (a second tensor in x's layout, or nullptr) is a template flag, so that no branch is
-// left in the inner loops and they vectorize.
-template <bool with_y, typename scalar_t, typename acc_t, typename F>
+// The backward's sums: for every channel, Σ f(x, y, channel) over its n·l values, as `acc_t`,
+// where y is a second tensor in x's layout and f returns two terms (a, b), summed into out_a
+// and out_b.
+template <typename scalar_t, typename acc_t, typename F>
 void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, acc_t* out_a,
                   acc_t* out_b) {
   const int64_t C = L.c;
@@ -92,10 +221,9 @@ void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, ac
         const int64_t r1 = std::min(L.n, (k + 1) * kRowBlock);
         for (int64_t r = k * kRowBlock; r < r1; ++r) {
           const scalar_t* xr = x + r * C;
-          const scalar_t* yr = with_y ? y + r * C : nullptr;
+          const scalar_t* yr = y + r * C;
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t yv = with_y ? acc_t(yr[c]) : acc_t(0);
-            auto [ta, tb] = f(acc_t(xr[c]), yv, c);
+            auto [ta, tb] = f(acc_t(xr[c]), acc_t(yr[c]), c);
             a[c] += ta;
             b[c] += tb;
           }
@@ -112,27 +240,157 @@ void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, ac
     }
     return;
   }
+  // Tasks are (block of runs, channel) in memory order, so x and y stream through; their
+  // partial sums are added per channel in block order.
   const int64_t N = L.n, Lw = L.l;
-  at::parallel_for(0, C, grain(N * Lw), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+  const int64_t nb = std::max<int64_t>(1, kRunGroup / Lw);
+  const int64_t blocks = (N + nb - 1) / nb;
+  std::vector<acc_t> pa(blocks * C), pb(blocks * C);
+  at::parallel_for(0, blocks * C, grain(nb * Lw), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / C, c = t % C;
       acc_t sa = 0, sb = 0;
-      for (int64_t i = 0; i < N; ++i) {
+      for (int64_t i = k * nb; i < std::min(N, (k + 1) * nb); ++i) {
         const scalar_t* xr = x + (i * C + c) * Lw;
-        const scalar_t* yr = with_y ? y + (i * C + c) * Lw : nullptr;
+        const scalar_t* yr = y + (i * C + c) * Lw;
         acc_t ra = 0, rb = 0;
         for (int64_t j = 0; j < Lw; ++j) {
-          const acc_t yv = with_y ? acc_t(yr[j]) : acc_t(0);
-          auto [ta, tb] = f(acc_t(xr[j]), yv, c);
+          auto [ta, tb] = f(acc_t(xr[j]), acc_t(yr[j]), c);
           ra += ta;
           rb += tb;
         }
         sa += ra;
         sb += rb;
       }
-      out_a[c] = sa;
-      out_b[c] = sb;
+      pa[t] = sa;
+      pb[t] = sb;
     }
   });
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t sa = 0, sb = 0;
+    for (int64_t k = 0; k < blocks; ++k) {
+      sa += pa[k * C + c];
+      sb += pb[k * C + c];
+    }
+    out_a[c] = sa;
+    out_b[c] = sb;
+  }
+}
+
+// ---------------------------------------------------------------- per-channel moments
+
+constexpr int64_t kBlockElems = 2048;  // values per two-pass block: 8 KB of float32
+constexpr int64_t kBlocksPerTask = 16;  // rows layout: blocks merged in order by one task
+
+// count, mean and M2 = Σ(x - mean)² of a set of values
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+
+  // Chan, Golub & LeVeque's pairwise update: exact in exact arithmetic, and stable because it
+  // only adds squares and never subtracts two sums of squares.
+  void merge(double nb, double mean_b, double m2_b) {
+    if (nb == 0) {
+      return;
+    }
+    const double total = n + nb, d = mean_b - mean;
+    mean += d * (nb / total);
+    m2 += m2_b + d * d * (n * nb / total);
+    n = total;
+  }
+
+  // a block's corrected two-pass sums: its provisional mean mb, then Σ(x - mb) and Σ(x - mb)²
+  template <typename acc_t>
+  void merge_block(int64_t nb, acc_t mb, acc_t sum_d, acc_t sum_d2) {
+    const double k = double(nb), a = double(sum_d);
+    merge(k, double(mb) + a / k, std::max(double(sum_d2) - a * a / k, 0.0));
+  }
+};
+
+// Per-channel Moments of x (one read of memory: the second pass of each block hits the cache).
+template <typename scalar_t, typename acc_t>
+std::vector<Moments> channel_moments(const scalar_t* x, const Layout& L) {
+  const int64_t C = L.c;
+  std::vector<Moments> out(C);
+  if (L.rows) {
+    // A block is `rows` consecutive rows; a task merges kBlocksPerTask blocks in order.
+    const int64_t rows = std::max<int64_t>(8, kBlockElems / C);
+    const int64_t span = rows * kBlocksPerTask;
+    const int64_t tasks = (L.n + span - 1) / span;
+    std::vector<Moments> partial(tasks * C);
+    at::parallel_for(0, tasks, grain(span * C), [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> a(C), b(C), m(C);
+      for (int64_t t = t0; t < t1; ++t) {
+        Moments* part = partial.data() + t * C;
+        const int64_t end = std::min(L.n, (t + 1) * span);
+        for (int64_t r0 = t * span; r0 < end; r0 += rows) {
+          const int64_t r1 = std::min(end, r0 + rows);
+          std::fill(m.begin(), m.end(), acc_t(0));
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* xr = x + r * C;
+            for (int64_t c = 0; c < C; ++c) m[c] += acc_t(xr[c]);
+          }
+          const acc_t k = acc_t(r1 - r0);
+          for (int64_t c = 0; c < C; ++c) m[c] /= k;
+          std::fill(a.begin(), a.end(), acc_t(0));
+          std::fill(b.begin(), b.end(), acc_t(0));
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* xr = x + r * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = acc_t(xr[c]) - m[c];
+              a[c] += d;
+              b[c] += d * d;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) part[c].merge_block(r1 - r0, m[c], a[c], b[c]);
+        }
+      }
+    });
+    for (int64_t t = 0; t < tasks; ++t) {
+      for (int64_t c = 0; c < C; ++c) {
+        const Moments& p = partial[t * C + c];
+        out[c].merge(p.n, p.mean, p.m2);
+      }
+    }
+    return out;
+  }
+  // A block is the runs of one channel in `nb` consecutive samples (one run when runs are
+  // long); tasks are (block, channel) in memory order, so that x streams through.
+  const int64_t N = L.n, Lw = L.l;
+  const int64_t nb = std::max<int64_t>(1, kBlockElems / Lw);
+  const int64_t blocks = (N + nb - 1) / nb;
+  std::vector<Moments> partial(blocks * C);
+  at::parallel_for(0, blocks * C, grain(nb * Lw), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t % C, i0 = (t / C) * nb, i1 = std::min(N, i0 + nb);
+      acc_t sum = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* xr = x + (i * C + c) * Lw;
+        acc_t r = 0;
+        for (int64_t j = 0; j < Lw; ++j) r += acc_t(xr[j]);
+        sum += r;
+      }
+      const int64_t k = (i1 - i0) * Lw;
+      const acc_t mb = sum / acc_t(k);
+      acc_t a = 0, b = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* xr = x + (i * C + c) * Lw;
+        acc_t ra = 0, rb = 0;
+        for (int64_t j = 0; j < Lw; ++j) {
+          const acc_t d = acc_t(xr[j]) - mb;
+          ra += d;
+          rb += d * d;
+        }
+        a += ra;
+        b += rb;
+      }
+      partial[t].merge_block(k, mb, a, b);
+    }
+  });
+  for (int64_t t = 0; t < blocks * C; ++t) {
+    const Moments& p = partial[t];
+    out[t % C].merge(p.n, p.mean, p.m2);
+  }
+  return out;
 }
 
 // out = (x - m)·s + t per channel (m, s, t in acc_t), or x·s + t without m; out may have
@@ -207,35 +465,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_kernel(const Tensor& x_in,
   const auto opts = x.options().dtype(acc);
   Tensor mean = at::empty({L.c}, opts), var = at::empty({L.c}, opts);
   Tensor invstd = at::empty({L.c}, opts);
-  Tensor y = at::empty_like(x);
+  Tensor y = empty_output(x);
   Tensor w = per_channel(weight, acc), b = per_channel(bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const int64_t C = L.c;
-    const acc_t n = acc_t(L.n * L.l);
-    std::vector<acc_t> m0(C), unused(C), s1(C), s2(C), scale(C), shift(C);
-    channel_sums<false, scalar_t, acc_t>(
-        xp, nullptr, L, [](acc_t v, acc_t, int64_t) { return std::pair<acc_t, acc_t>(v, 0); },
-        m0.data(), unused.data());
-    for (auto& m : m0) m /= n;
-    const acc_t* m0p = m0.data();
-    channel_sums<false, scalar_t, acc_t>(
-        xp, nullptr, L,
-        [m0p](acc_t v, acc_t, int64_t c) {
-          const acc_t d = v - m0p[c];
-          return std::pair<acc_t, acc_t>(d, d * d);
-        },
-        s1.data(), s2.data());
+    const std::vector<Moments> mom = channel_moments<scalar_t, acc_t>(xp, L);
+    std::vector<acc_t> m0(C), scale(C), shift(C);
     acc_t* mp = mean.data_ptr<acc_t>();
     acc_t* vp = var.data_ptr<acc_t>();
     acc_t* ip = invstd.data_ptr<acc_t>();
     const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
     const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t delta = s1[c] / n;  // the rounding error of m0
-      const acc_t v = std::max(s2[c] / n - delta * delta, acc_t(0));
-      mp[c] = m0[c] + delta;
+      m0[c] = acc_t(mom[c].mean);
+      const acc_t delta = acc_t(mom[c].mean - double(m0[c]));  // the rounding error of m0
+      const acc_t v = acc_t(mom[c].m2 / mom[c].n);
+      mp[c] = m0[c];
       vp[c] = v;
       ip[c] = acc_t(1) / std::sqrt(v + acc_t(eps));
       scale[c] = wp ? wp[c] * ip[c] : ip[c];
@@ -259,7 +506,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
   const auto acc = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(acc);
   Tensor dw = at::empty({L.c}, opts), db = at::empty({L.c}, opts);
-  Tensor dx = at::empty_like(x);
+  Tensor dx = empty_output(x);
   Tensor w = weight.defined() ? as_acc(weight, acc) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -272,7 +519,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
     acc_t* dbp = db.data_ptr<acc_t>();
     std::vector<acc_t> sum_dy_xc(C);
     // x is the first argument, dy the second
-    channel_sums<true, scalar_t, acc_t>(
+    channel_sums<scalar_t, acc_t>(
         x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), L,
         [mp](acc_t v, acc_t g, int64_t c) { return std::pair<acc_t, acc_t>(g, g * (v - mp[c])); },
         dbp, sum_dy_xc.data());
@@ -428,7 +675,7 @@ Tensor eval(const Tensor& x_in, const Tensor& running_mean, const Tensor& runnin
   Tensor rm = as_acc(running_mean, acc);
   Tensor rv = as_acc(running_var, acc);
   Tensor w = per_channel(weight, acc), b = per_channel(bias, acc);
-  Tensor y = at::empty_like(x);
+  Tensor y = empty_output(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_eval", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t C = L.c;
@@ -454,4 +701,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train", &train, "training batch norm: (y, batch mean, biased batch var)");
   m.def("train_update", &train_update, "train() and the running-statistic update");
   m.def("eval", &eval, "batch norm with running statistics");
+  m.def("cache_info", [] { return output_cache().info(); },
+        "the output cache: cached_bytes, limit_bytes, hits, misses");
+  m.def("set_cache_limit", [](int64_t bytes) { output_cache().set_limit(size_t(bytes)); },
+        "the most freed output memory the cache keeps, in bytes (0: none)");
+  m.def("empty_cache", [] { output_cache().empty(); }, "frees every cached output block");
 }
