@@ -279,8 +279,11 @@ void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, ac
 
 // ---------------------------------------------------------------- per-channel moments
 
-constexpr int64_t kBlockElems = 2048;  // values per two-pass block: 8 KB of float32
-constexpr int64_t kBlocksPerTask = 16;  // rows layout: blocks merged in order by one task
+// Values per two-pass block. Contiguous: 8 KB of float32, the runs of one channel. Channels-
+// last: 128 KB (L2-resident), because every block costs one float64 merge per channel.
+constexpr int64_t kBlockElems = 2048;
+constexpr int64_t kRowBlockElems = 1 << 15;
+constexpr int64_t kBlocksPerTask = 4;  // rows layout: blocks merged in order by one task
 
 // count, mean and M2 = Σ(x - mean)² of a set of values
 struct Moments {
@@ -306,21 +309,60 @@ struct Moments {
   }
 };
 
+// Moments of C channels that share one count (rows of a channels-last block), as arrays.
+struct RowMoments {
+  double n = 0;
+  std::vector<double> mean, m2;
+
+  explicit RowMoments(int64_t C) : mean(C, 0.0), m2(C, 0.0) {}
+
+  // Moments::merge for every channel at once
+  void merge(double nb, const double* mean_b, const double* m2_b) {
+    if (nb == 0) {
+      return;
+    }
+    const double total = n + nb, f1 = nb / total, f2 = n * nb / total;
+    for (size_t c = 0; c < mean.size(); ++c) {
+      const double d = mean_b[c] - mean[c];
+      mean[c] += d * f1;
+      m2[c] += m2_b[c] + d * d * f2;
+    }
+    n = total;
+  }
+
+  // Moments::merge_block for every channel at once
+  template <typename acc_t>
+  void merge_block(int64_t nb, const acc_t* mb, const acc_t* sum_d, const acc_t* sum_d2) {
+    const double k = double(nb), inv_k = 1.0 / k, total = n + k, f1 = k / total,
+                 f2 = n * k / total;
+    for (size_t c = 0; c < mean.size(); ++c) {
+      const double a = double(sum_d[c]);
+      const double block_mean = double(mb[c]) + a * inv_k;
+      const double block_m2 = std::max(double(sum_d2[c]) - a * a * inv_k, 0.0);
+      const double d = block_mean - mean[c];
+      mean[c] += d * f1;
+      m2[c] += block_m2 + d * d * f2;
+    }
+    n = total;
+  }
+};
+
 // Per-channel Moments of x (one read of memory: the second pass of each block hits the cache).
 template <typename scalar_t, typename acc_t>
 std::vector<Moments> channel_moments(const scalar_t* x, const Layout& L) {
   const int64_t C = L.c;
   std::vector<Moments> out(C);
   if (L.rows) {
-    // A block is `rows` consecutive rows; a task merges kBlocksPerTask blocks in order.
-    const int64_t rows = std::max<int64_t>(8, kBlockElems / C);
+    // A block is `rows` consecutive rows; a task merges kBlocksPerTask blocks in order. All
+    // channels of a block share its count, so the merge's divisions are once per block and
+    // the per-channel update is a vectorizable multiply-add (RowMoments).
+    const int64_t rows = std::clamp<int64_t>(kRowBlockElems / C, 8, 1024);
     const int64_t span = rows * kBlocksPerTask;
     const int64_t tasks = (L.n + span - 1) / span;
-    std::vector<Moments> partial(tasks * C);
+    std::vector<RowMoments> partial(tasks, RowMoments(C));
     at::parallel_for(0, tasks, grain(span * C), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> a(C), b(C), m(C);
       for (int64_t t = t0; t < t1; ++t) {
-        Moments* part = partial.data() + t * C;
         const int64_t end = std::min(L.n, (t + 1) * span);
         for (int64_t r0 = t * span; r0 < end; r0 += rows) {
           const int64_t r1 = std::min(end, r0 + rows);
@@ -341,16 +383,13 @@ std::vector<Moments> channel_moments(const scalar_t* x, const Layout& L) {
               b[c] += d * d;
             }
           }
-          for (int64_t c = 0; c < C; ++c) part[c].merge_block(r1 - r0, m[c], a[c], b[c]);
+          partial[t].merge_block(r1 - r0, m.data(), a.data(), b.data());
         }
       }
     });
-    for (int64_t t = 0; t < tasks; ++t) {
-      for (int64_t c = 0; c < C; ++c) {
-        const Moments& p = partial[t * C + c];
-        out[c].merge(p.n, p.mean, p.m2);
-      }
-    }
+    RowMoments total(C);
+    for (const RowMoments& p : partial) total.merge(p.n, p.mean.data(), p.m2.data());
+    for (int64_t c = 0; c < C; ++c) out[c] = {total.n, total.mean[c], total.m2[c]};
     return out;
   }
   // A block is the runs of one channel in `nb` consecutive samples (one run when runs are
