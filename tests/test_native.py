@@ -247,31 +247,39 @@ def test_only_one_affine_parameter(has_w: bool, has_b: bool, w_grad: bool) -> No
             torch.testing.assert_close(a, e)
 
 
-def test_lenet_training_steps_match_the_fast_kernel() -> None:
-    """The chapter's BN-LeNet, five SGD steps at lr 1.0: native and fast end at the same weights
-    and running statistics (within float32 rounding), and so does eval."""
+def test_lenet_training_steps_match_float64() -> None:
+    """The chapter's BN-LeNet, five SGD steps at lr 1.0: the native kernel in float32 ends at the
+    weights and running statistics of the reference path in float64, to float32 rounding, and so
+    does eval. Average pooling, because max pooling over saturated sigmoids (exact ties at 1.0
+    in float32) can route a gradient to another element: any float32 run, PyTorch's included,
+    then jumps by ~1e-2 from the float64 one."""
     from bnlab.models import lenet
 
     torch.manual_seed(0)
     data = torch.rand(5, 32, 1, 28, 28)
     labels = torch.randint(0, 10, (5, 32))
     nets = []
-    for impl in ("native", "fast"):
+    for impl, dtype in (("native", torch.float32), ("reference", torch.float64)):
         torch.manual_seed(1)
-        net = lenet("bnlab", norm_options={"impl": impl})
+        net = lenet("bnlab", norm_options={"impl": impl}, pool="avg").to(dtype)
         opt = torch.optim.SGD(net.parameters(), lr=1.0)
         for x, t in zip(data, labels, strict=True):
             opt.zero_grad()
-            F.cross_entropy(net(x), t).backward()
+            F.cross_entropy(net(x.to(dtype)), t).backward()
             opt.step()
         nets.append(net)
-    state_native, state_fast = nets[0].state_dict(), nets[1].state_dict()
-    assert state_native.keys() == state_fast.keys()
+    state_native, state_ref = nets[0].state_dict(), nets[1].state_dict()
+    assert state_native.keys() == state_ref.keys()
     for key in state_native:
-        torch.testing.assert_close(state_native[key], state_fast[key], atol=2e-4, rtol=1e-3)
+        expected = state_ref[key]
+        if expected.is_floating_point():
+            expected = expected.float()
+        torch.testing.assert_close(state_native[key], expected, atol=3e-5, rtol=1e-4)
     for net in nets:
         net.eval()
-    torch.testing.assert_close(nets[0](data[0]), nets[1](data[0]), atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(
+        nets[0](data[0]), nets[1](data[0].double()).float(), atol=3e-5, rtol=1e-4
+    )
 
 
 LARGE = (16, 8, 48, 48)  # 1.2 MB of float32, above the output cache's 1 MiB threshold
