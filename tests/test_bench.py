@@ -70,6 +70,7 @@ def test_tiny_run_has_every_case_and_contender() -> None:
     assert nat["available"] is True and nat["error"] is None
     assert isinstance(nat["build_s"], float) and nat["build_s"] >= 0
     assert isinstance(nat["was_cached"], bool) and isinstance(nat["loaded_before"], bool)
+    assert nat["cache_limit_bytes"] == native.output_cache_info()["limit_bytes"]
     row = data["kernels"][0]
     assert row["ratio_to_torch"]["torch"] == 1.0
     assert math.isclose(

@@ -91,14 +91,19 @@ class NativeStatus:
     was_cached: bool | None  # True: a build was already on disk, only loaded
     loaded_before: bool  # already loaded in this process before the benchmark asked for it
     error: str | None  # why it is unavailable
+    cache_limit_bytes: int | None = None  # the output cache's limit (0: off)
 
     def describe(self) -> str:
         if not self.available:
             return f"unavailable: {self.error}"
         how = "loaded from a cached build" if self.was_cached else "compiled in this process"
-        return f"{how} in {self.build_s:.2f} s" + (
+        text = f"{how} in {self.build_s:.2f} s" + (
             " (before the benchmark started)" if self.loaded_before else ""
         )
+        if self.cache_limit_bytes is not None:
+            limit = self.cache_limit_bytes
+            text += f"; output cache {'off' if limit == 0 else f'up to {limit / 2**20:g} MiB'}"
+        return text
 
 
 def prepare_native(device: torch.device) -> NativeStatus:
@@ -122,7 +127,8 @@ def prepare_native(device: torch.device) -> NativeStatus:
         return NativeStatus(False, None, None, loaded_before, str(e))
     build_s = getattr(native_ext.build_native, "seconds", None)
     was_cached = getattr(native_ext.build_native, "was_cached", None)
-    return NativeStatus(True, build_s, was_cached, loaded_before, None)
+    limit = native_ext.output_cache_info()["limit_bytes"]
+    return NativeStatus(True, build_s, was_cached, loaded_before, None, limit)
 
 
 @dataclass(frozen=True)
