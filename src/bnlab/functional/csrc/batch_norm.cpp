@@ -12,7 +12,8 @@
 // The autograd function saves x, γ, μ and invstd; its backward is two passes:
 //   Σdy, Σdy·(x - μ), then ∂x = s·dy + k·(x - μ) + c per element.
 // Every pass walks memory in order (strided per-channel walks over short runs cost up to 2x).
-// Outputs of 1 MiB or more take their memory from a cache of freed blocks (OutputCache).
+// Outputs of 1 MiB or more take their memory from a cache of freed blocks (OutputCache);
+// float32 outputs larger than the last-level cache are written with non-temporal stores.
 // With create_graph=True the backward is recomputed from x with ATen operations, so higher
 // derivatives are exact.
 
@@ -26,7 +27,15 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define BNLAB_STREAM 1
+#endif
+
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -432,6 +441,94 @@ std::vector<Moments> channel_moments(const scalar_t* x, const Layout& L) {
   return out;
 }
 
+// ---------------------------------------------------------------- elementwise outputs
+//
+// The two per-element formulas, with explicit fma so that the streamed and the plain loops
+// round identically: y = (x - m)·s + t, and ∂x = s·dy + (k·(x - m) + t).
+template <typename T>
+inline T affine_at(T x, T m, T s, T t) {
+  return std::fma(x - m, s, t);
+}
+
+template <typename T>
+inline T dx_at(T g, T x, T m, T s, T k, T t) {
+  return std::fma(s, g, std::fma(k, x - m, t));
+}
+
+// float32 outputs of kStreamMinBytes or more (larger than the last-level cache, and larger
+// than any later reader could find in it) are written with non-temporal stores: a normal
+// store first reads the line it overwrites, a third of an eval pass's memory traffic.
+constexpr int64_t kStreamMinBytes = int64_t(48) << 20;
+
+bool streams(const Layout& L, int64_t elem_size, bool is_float) {
+#ifdef BNLAB_STREAM
+  // rows of a multiple of 8 channels keep every row 32-byte aligned (outputs are 64-aligned)
+  return is_float && L.n * L.c * L.l * elem_size >= kStreamMinBytes && (!L.rows || L.c % 8 == 0);
+#else
+  return false;
+#endif
+}
+
+// Parameters of a streamed span: one value for all of it (an ncl run) or one per element (a
+// row of channels).
+struct Splat {
+  float v;
+  float at(int64_t) const { return v; }
+#ifdef BNLAB_STREAM
+  __m256 vec(int64_t) const { return _mm256_set1_ps(v); }
+#endif
+};
+
+struct PerElement {
+  const float* p;
+  float at(int64_t j) const { return p[j]; }
+#ifdef BNLAB_STREAM
+  __m256 vec(int64_t j) const { return _mm256_loadu_ps(p + j); }
+#endif
+};
+
+template <typename P>
+void stream_affine(const float* x, float* o, int64_t n, P m, P s, P t) {
+  int64_t j = 0;
+#ifdef BNLAB_STREAM
+  for (; j < n && (reinterpret_cast<uintptr_t>(o + j) & 31) != 0; ++j) {
+    o[j] = affine_at(x[j], m.at(j), s.at(j), t.at(j));
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), m.vec(j));
+    _mm256_stream_ps(o + j, _mm256_fmadd_ps(d, s.vec(j), t.vec(j)));
+  }
+#endif
+  for (; j < n; ++j) {
+    o[j] = affine_at(x[j], m.at(j), s.at(j), t.at(j));
+  }
+}
+
+template <typename P>
+void stream_dx(const float* g, const float* x, float* o, int64_t n, P m, P s, P k, P t) {
+  int64_t j = 0;
+#ifdef BNLAB_STREAM
+  for (; j < n && (reinterpret_cast<uintptr_t>(o + j) & 31) != 0; ++j) {
+    o[j] = dx_at(g[j], x[j], m.at(j), s.at(j), k.at(j), t.at(j));
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + j), m.vec(j));
+    const __m256 inner = _mm256_fmadd_ps(k.vec(j), d, t.vec(j));
+    _mm256_stream_ps(o + j, _mm256_fmadd_ps(s.vec(j), _mm256_loadu_ps(g + j), inner));
+  }
+#endif
+  for (; j < n; ++j) {
+    o[j] = dx_at(g[j], x[j], m.at(j), s.at(j), k.at(j), t.at(j));
+  }
+}
+
+// Makes a thread's streamed stores visible before the parallel region ends.
+inline void stream_fence() {
+#ifdef BNLAB_STREAM
+  _mm_sfence();
+#endif
+}
+
 // out = (x - m)·s + t per channel (m, s, t in acc_t), or x·s + t without m; out may have
 // another dtype than the accumulator. Training centers first: x·s + (β - μ·s) cancels when
 // |μ| ≫ σ (s = γ/σ is then large), (x - μ)·s does not. Eval uses x·s + t, as PyTorch does
@@ -440,14 +537,38 @@ template <bool centered, typename scalar_t, typename acc_t>
 void apply_affine(const scalar_t* x, const Layout& L, const acc_t* m, const acc_t* s,
                   const acc_t* t, scalar_t* out) {
   const int64_t C = L.c;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (streams(L, sizeof(float), true)) {
+      const std::vector<float> zeros(centered ? 0 : C, 0.0f);
+      const float* mm = centered ? m : zeros.data();
+      if (L.rows) {
+        at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            stream_affine(x + r * C, out + r * C, C, PerElement{mm}, PerElement{s},
+                          PerElement{t});
+          }
+          stream_fence();
+        });
+      } else {
+        const int64_t Lw = L.l;
+        at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t c = p % C;
+            stream_affine(x + p * Lw, out + p * Lw, Lw, Splat{mm[c]}, Splat{s[c]}, Splat{t[c]});
+          }
+          stream_fence();
+        });
+      }
+      return;
+    }
+  }
   if (L.rows) {
     at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* xr = x + r * C;
         scalar_t* o = out + r * C;
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = centered ? acc_t(xr[c]) - m[c] : acc_t(xr[c]);
-          o[c] = scalar_t(v * s[c] + t[c]);
+          o[c] = scalar_t(affine_at(acc_t(xr[c]), centered ? m[c] : acc_t(0), s[c], t[c]));
         }
       }
     });
@@ -460,8 +581,59 @@ void apply_affine(const scalar_t* x, const Layout& L, const acc_t* m, const acc_
       const scalar_t* xr = x + p * Lw;
       scalar_t* o = out + p * Lw;
       for (int64_t j = 0; j < Lw; ++j) {
-        const acc_t v = centered ? acc_t(xr[j]) - mc : acc_t(xr[j]);
-        o[j] = scalar_t(v * sc + sh);
+        o[j] = scalar_t(affine_at(acc_t(xr[j]), mc, sc, sh));
+      }
+    }
+  });
+}
+
+// dx = s·dy + k·(x - m) + t per channel (the backward's second sweep); see apply_affine.
+template <typename scalar_t, typename acc_t>
+void apply_dx(const scalar_t* gp, const scalar_t* xp, const Layout& L, const acc_t* mp,
+              const acc_t* s, const acc_t* k, const acc_t* t, scalar_t* op) {
+  const int64_t C = L.c;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (streams(L, sizeof(float), true)) {
+      if (L.rows) {
+        at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            stream_dx(gp + r * C, xp + r * C, op + r * C, C, PerElement{mp}, PerElement{s},
+                      PerElement{k}, PerElement{t});
+          }
+          stream_fence();
+        });
+      } else {
+        const int64_t Lw = L.l;
+        at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t c = p % C;
+            stream_dx(gp + p * Lw, xp + p * Lw, op + p * Lw, Lw, Splat{mp[c]}, Splat{s[c]},
+                      Splat{k[c]}, Splat{t[c]});
+          }
+          stream_fence();
+        });
+      }
+      return;
+    }
+  }
+  if (L.rows) {
+    at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = r * C + c;
+          op[i] = scalar_t(dx_at(acc_t(gp[i]), acc_t(xp[i]), mp[c], s[c], k[c], t[c]));
+        }
+      }
+    });
+    return;
+  }
+  const int64_t Lw = L.l;
+  at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = p % C;
+      const acc_t sc = s[c], kc = k[c], tc = t[c], mc = mp[c];
+      for (int64_t j = p * Lw; j < (p + 1) * Lw; ++j) {
+        op[j] = scalar_t(dx_at(acc_t(gp[j]), acc_t(xp[j]), mc, sc, kc, tc));
       }
     }
   });
@@ -574,28 +746,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = dy.const_data_ptr<scalar_t>();
     scalar_t* op = dx.data_ptr<scalar_t>();
-    if (L.rows) {
-      const int64_t Cn = C;
-      at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = 0; c < Cn; ++c) {
-            const int64_t i = r * Cn + c;
-            op[i] = scalar_t(s[c] * acc_t(gp[i]) + k[c] * (acc_t(xp[i]) - mp[c]) + t[c]);
-          }
-        }
-      });
-    } else {
-      const int64_t Lw = L.l;
-      at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t c = p % C;
-          const acc_t sc = s[c], kc = k[c], tc = t[c], mc = mp[c];
-          for (int64_t j = p * Lw; j < (p + 1) * Lw; ++j) {
-            op[j] = scalar_t(sc * acc_t(gp[j]) + kc * (acc_t(xp[j]) - mc) + tc);
-          }
-        }
-      });
-    }
+    apply_dx<scalar_t, acc_t>(gp, xp, L, mp, s.data(), k.data(), t.data(), op);
   });
   return {dx, dw, db};
 }
