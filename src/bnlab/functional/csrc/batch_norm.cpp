@@ -458,6 +458,8 @@ inline T dx_at(T g, T x, T m, T s, T k, T t) {
 // float32 outputs of kStreamMinBytes or more (larger than the last-level cache, and larger
 // than any later reader could find in it) are written with non-temporal stores: a normal
 // store first reads the line it overwrites, a third of an eval pass's memory traffic.
+// A fixed size, not sysconf's L3 size: virtual machines misreport it (320 MB here, for a 32 MB
+// cache).
 constexpr int64_t kStreamMinBytes = int64_t(48) << 20;
 
 bool streams(const Layout& L, int64_t elem_size, bool is_float) {
