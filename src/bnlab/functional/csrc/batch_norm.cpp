@@ -35,10 +35,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -48,9 +48,9 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kRowBlock = 128;       // rows per partial sum (rows layout)
+constexpr int64_t kRowBlock = 128;       // backward sums: rows per partial sum (rows layout)
 constexpr int64_t kGrainElems = 1 << 15;  // smallest piece of work worth a thread
-constexpr int64_t kRunGroup = 256;        // ncl sums: fewest values per partial sum
+constexpr int64_t kRunGroup = 256;        // backward sums: fewest values per partial (ncl)
 
 struct Layout {
   bool rows;
