@@ -354,6 +354,22 @@ def test_output_cache_respects_its_limit_and_empties(cache_limit: object) -> Non
     assert native_mod.output_cache_info()["limit_bytes"] == 3 << 20
 
 
+def test_a_full_output_cache_makes_room_for_new_sizes(cache_limit: object) -> None:
+    """Blocks of a size no longer in use give way to the newest size, which is then reused."""
+    native_mod.set_output_cache_limit(4 << 20)
+    native_mod.empty_output_cache()
+    _step(make_input(LARGE, torch.float32, False, 9), 10)  # two 2 MiB blocks fill the cache
+    assert native_mod.output_cache_info()["cached_bytes"] == 4 << 20
+    other = make_input((16, 8, 80, 80), torch.float32, False, 11)  # 3.3 MB: 4 MiB blocks
+    _step(other, 12)
+    before = native_mod.output_cache_info()
+    assert before["cached_bytes"] == 4 << 20, before
+    _step(other, 12)
+    after = native_mod.output_cache_info()
+    assert after["hits"] >= before["hits"] + 1, (before, after)
+    assert after["cached_bytes"] <= 4 << 20
+
+
 def test_cached_output_is_an_ordinary_resizable_tensor(cache_limit: object) -> None:
     native_mod.set_output_cache_limit(64 << 20)
     x = make_input(LARGE, torch.float32, False, 8)

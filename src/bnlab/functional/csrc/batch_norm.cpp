@@ -166,9 +166,18 @@ class OutputCache final : public c10::Allocator {
     delete b;
   }
 
+  // Keeps a freed block, evicting blocks of other sizes if the cache is full: the sizes in use
+  // change (another model, another input size), and the newest are the likeliest reused.
   void put(void* p, size_t size) {
     {
       std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = free_.begin(); cached_ + size > limit_ && it != free_.end(); ++it) {
+        while (it->first != size && cached_ + size > limit_ && !it->second.empty()) {
+          c10::free_cpu(it->second.back());
+          it->second.pop_back();
+          cached_ -= it->first;
+        }
+      }
       if (cached_ + size <= limit_) {
         free_[size].push_back(p);
         cached_ += size;
