@@ -3,6 +3,7 @@ float64 math and autograd. It compiles on first use (cached on disk afterwards).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import pytest
@@ -379,9 +380,17 @@ def test_cached_output_is_an_ordinary_resizable_tensor(cache_limit: object) -> N
     assert y is not None
     expected = F.batch_norm(x, rm, rv, training=False)
     torch.testing.assert_close(y, expected)
+    buffer = io.BytesIO()
+    torch.save(y, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer), y)
+    with torch.no_grad():
+        shared = native_mod.native_eval(x, rm, rv, None, None, 1e-5)  # another cached output
+    assert shared is not None
+    shared.share_memory_()  # moves its storage into shared memory, freeing the cached block
+    assert shared.is_shared() and torch.equal(shared, y)
     y.resize_(2 * y.numel())  # grows through the cache's allocator, keeping the values
     torch.testing.assert_close(y[: x.numel()], expected.reshape(-1))
-    y.zero_()
 
 
 def test_output_cache_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
