@@ -402,6 +402,14 @@ def test_output_cache_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv(native_mod.CACHE_ENV, bad)
         with pytest.raises(ValueError, match=r"BNLAB_NATIVE_CACHE_MB=.*whole number of MiB"):
             native_mod._cache_limit_from_env()
+    from torch.utils import cpp_extension
+
+    def no_build(**_: object) -> None:
+        raise AssertionError("compiled before checking the setting")
+
+    monkeypatch.setattr(cpp_extension, "load", no_build)
+    with pytest.raises(ValueError, match="BNLAB_NATIVE_CACHE_MB"):  # before any compiling
+        native_mod.build_native.__wrapped__()
     for bad_limit in (-1, 1.5, True):
         with pytest.raises(ValueError, match="byte count"):
             native_mod.set_output_cache_limit(bad_limit)  # type: ignore[arg-type]

@@ -107,6 +107,7 @@ def build_native() -> ModuleType:
     """
     from torch.utils import cpp_extension
 
+    cache_limit = _cache_limit_from_env()  # a bad setting fails before a minute of compiling
     _ensure_ninja()
     name = extension_name()
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
@@ -134,7 +135,7 @@ def build_native() -> ModuleType:
         ) from e
     build_native.seconds = time.perf_counter() - start  # type: ignore[attr-defined]
     build_native.was_cached = cached  # type: ignore[attr-defined]
-    module.set_cache_limit(_cache_limit_from_env())
+    module.set_cache_limit(cache_limit)
     return module
 
 

@@ -471,10 +471,12 @@ inline T dx_at(T g, T x, T m, T s, T k, T t) {
 // cache).
 constexpr int64_t kStreamMinBytes = int64_t(48) << 20;
 
-bool streams(const Layout& L, int64_t elem_size, bool is_float) {
+// Whether a float32 output in layout L is streamed.
+bool streams(const Layout& L) {
 #ifdef BNLAB_STREAM
   // rows of a multiple of 8 channels keep every row 32-byte aligned (outputs are 64-aligned)
-  return is_float && L.n * L.c * L.l * elem_size >= kStreamMinBytes && (!L.rows || L.c % 8 == 0);
+  const int64_t bytes = L.n * L.c * L.l * int64_t(sizeof(float));
+  return bytes >= kStreamMinBytes && (!L.rows || L.c % 8 == 0);
 #else
   return false;
 #endif
@@ -549,7 +551,7 @@ void apply_affine(const scalar_t* x, const Layout& L, const acc_t* m, const acc_
                   const acc_t* t, scalar_t* out) {
   const int64_t C = L.c;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (streams(L, sizeof(float), true)) {
+    if (streams(L)) {
       const std::vector<float> zeros(centered ? 0 : C, 0.0f);
       const float* mm = centered ? m : zeros.data();
       if (L.rows) {
@@ -604,7 +606,7 @@ void apply_dx(const scalar_t* gp, const scalar_t* xp, const Layout& L, const acc
               const acc_t* s, const acc_t* k, const acc_t* t, scalar_t* op) {
   const int64_t C = L.c;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (streams(L, sizeof(float), true)) {
+    if (streams(L)) {
       if (L.rows) {
         at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
