@@ -333,7 +333,8 @@ def test_statistics_and_no_grad_call() -> None:
     assert y.requires_grad and not mean.requires_grad and not var.requires_grad
 
 
-def test_torch_func_and_forward_ad_fall_back_to_reference() -> None:
+@pytest.mark.parametrize("impl", ["fast", "native"])
+def test_torch_func_and_forward_ad_fall_back_to_reference(impl: str) -> None:
     w, b = torch.rand(3) + 0.5, torch.randn(3)
     x = make_input((6, 3), torch.float32, False, 11)
 
@@ -341,13 +342,13 @@ def test_torch_func_and_forward_ad_fall_back_to_reference() -> None:
         return batch_norm(x, w, b, training=True, impl=impl).y.pow(3).sum()
 
     torch.testing.assert_close(
-        torch.func.grad(loss)(x, "fast"), torch.func.grad(loss)(x, "reference")
+        torch.func.grad(loss)(x, impl), torch.func.grad(loss)(x, "reference")
     )
-    batched = torch.func.vmap(lambda x: batch_norm(x, w, b, training=True, impl="fast").y)
+    batched = torch.func.vmap(lambda x: batch_norm(x, w, b, training=True, impl=impl).y)
     xs = torch.stack([x, x * 2])
     torch.testing.assert_close(batched(xs)[1], batch_norm(x * 2, w, b, training=True).y)
     tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
-    _, jvp_fast = torch.func.jvp(lambda x: batch_norm(x, w, b, training=True, impl="fast").y,
+    _, jvp_fast = torch.func.jvp(lambda x: batch_norm(x, w, b, training=True, impl=impl).y,
                                  (x,), (tangent,))  # fmt: skip
     _, jvp_ref = torch.func.jvp(lambda x: batch_norm(x, w, b, training=True).y, (x,), (tangent,))
     torch.testing.assert_close(jvp_fast, jvp_ref)
