@@ -542,6 +542,28 @@ inline void stream_fence() {
 #endif
 }
 
+// The streamed sweeps, in parallel over contiguous spans in memory order:
+// body(first, count, channel) for each row of all C channels (rows layout; channel -1, the
+// parameters are per element) or each run of one channel in one sample (ncl); each thread
+// fences its stores before it leaves the parallel region. (The plain loops stay written out:
+// through this driver the compiler made small-C channels-last eval 7-10 % slower.)
+template <typename F>
+void for_each_streamed_span(const Layout& L, F body) {
+  const int64_t C = L.c;
+  if (L.rows) {
+    at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) body(r * C, C, int64_t(-1));
+      stream_fence();
+    });
+    return;
+  }
+  const int64_t Lw = L.l;
+  at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) body(p * Lw, Lw, p % C);
+    stream_fence();
+  });
+}
+
 // out = (x - m)·s + t per channel (m, s, t in acc_t), or x·s + t without m; out may have
 // another dtype than the accumulator. Training centers first: x·s + (β - μ·s) cancels when
 // |μ| ≫ σ (s = γ/σ is then large), (x - μ)·s does not. Eval uses x·s + t, as PyTorch does
@@ -554,24 +576,13 @@ void apply_affine(const scalar_t* x, const Layout& L, const acc_t* m, const acc_
     if (streams(L)) {
       const std::vector<float> zeros(centered ? 0 : C, 0.0f);
       const float* mm = centered ? m : zeros.data();
-      if (L.rows) {
-        at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            stream_affine(x + r * C, out + r * C, C, PerElement{mm}, PerElement{s},
-                          PerElement{t});
-          }
-          stream_fence();
-        });
-      } else {
-        const int64_t Lw = L.l;
-        at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t c = p % C;
-            stream_affine(x + p * Lw, out + p * Lw, Lw, Splat{mm[c]}, Splat{s[c]}, Splat{t[c]});
-          }
-          stream_fence();
-        });
-      }
+      for_each_streamed_span(L, [&](int64_t i, int64_t n, int64_t c) {
+        if (c < 0) {
+          stream_affine(x + i, out + i, n, PerElement{mm}, PerElement{s}, PerElement{t});
+        } else {
+          stream_affine(x + i, out + i, n, Splat{mm[c]}, Splat{s[c]}, Splat{t[c]});
+        }
+      });
       return;
     }
   }
@@ -607,25 +618,15 @@ void apply_dx(const scalar_t* gp, const scalar_t* xp, const Layout& L, const acc
   const int64_t C = L.c;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (streams(L)) {
-      if (L.rows) {
-        at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            stream_dx(gp + r * C, xp + r * C, op + r * C, C, PerElement{mp}, PerElement{s},
-                      PerElement{k}, PerElement{t});
-          }
-          stream_fence();
-        });
-      } else {
-        const int64_t Lw = L.l;
-        at::parallel_for(0, L.n * C, grain(Lw), [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t c = p % C;
-            stream_dx(gp + p * Lw, xp + p * Lw, op + p * Lw, Lw, Splat{mp[c]}, Splat{s[c]},
-                      Splat{k[c]}, Splat{t[c]});
-          }
-          stream_fence();
-        });
-      }
+      for_each_streamed_span(L, [&](int64_t i, int64_t n, int64_t c) {
+        if (c < 0) {
+          stream_dx(gp + i, xp + i, op + i, n, PerElement{mp}, PerElement{s}, PerElement{k},
+                    PerElement{t});
+        } else {
+          stream_dx(gp + i, xp + i, op + i, n, Splat{mp[c]}, Splat{s[c]}, Splat{k[c]},
+                    Splat{t[c]});
+        }
+      });
       return;
     }
   }
