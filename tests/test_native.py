@@ -1,27 +1,191 @@
-"""The native C++ kernel (impl="native") against the reference path, torch's own batch norm,
-float64 math and autograd. It compiles on first use (cached on disk afterwards)."""
+"""The native C++ kernel (impl="native", and impl="auto", the default, where it is built) against
+the reference path, torch's own batch norm, float64 math and autograd; its build, loading and
+fallback.
+
+`make test` builds the kernel first (`make setup` runs `bnlab build`); these tests use that
+build and fail, rather than skip, where a C++ compiler exists but no build was made."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_fast import cases, compare, make_input
 from torch import Tensor
 
+from bnlab.cli import main
 from bnlab.functional import batch_norm
 from bnlab.functional import native as native_mod
 from bnlab.functional.batch_norm import EVAL_KERNELS, TRAIN_KERNELS, UPDATING_KERNELS
 from bnlab.nn import BatchNorm
 
 
+def _build_at_collection() -> str | None:
+    """Why no build existed when the tests were collected (before any test could build one),
+    or None if one did."""
+    try:
+        native_mod.find_build()
+    except native_mod.NativeBuildError as e:
+        return str(e)
+    return None
+
+
+MISSING_AT_START = _build_at_collection()
+COMPILER = shutil.which(os.environ.get("CXX", "c++"))
+
+
 @pytest.fixture(scope="module", autouse=True)
-def built() -> None:
+def built() -> Path:
+    """The build directory of the kernel these tests use."""
+    if COMPILER is None and MISSING_AT_START is not None:
+        pytest.skip(f"no C++ compiler ({os.environ.get('CXX', 'c++')} not found): nothing to test")
     native_mod.build_native()
+    load = native_mod.native_load()
+    assert load is not None
+    return load.path
+
+
+def test_setup_built_the_kernel_and_it_is_the_default() -> None:
+    """Where a compiler exists, `make setup` has built the kernel before the tests, and a fresh
+    process's default BatchNorm runs it, loaded (not compiled), without a warning."""
+    assert MISSING_AT_START is None, (
+        f"a C++ compiler exists ({COMPILER}) but there was no build of the native kernel when "
+        f"the tests started ({MISSING_AT_START}): `make setup` runs `bnlab build`; run it and "
+        "read its error"
+    )
+    code = (
+        "import warnings\n"
+        "import torch\n"
+        "from bnlab.nn import BatchNorm\n"
+        "from bnlab.functional import native\n"
+        "warnings.simplefilter('error', native.NativeKernelWarning)\n"
+        "bn = BatchNorm(6)\n"
+        "bn(torch.randn(8, 6, 5, 5, requires_grad=True)).sum().backward()\n"
+        "load = native.native_load()\n"
+        "print(load is not None and not load.compiled, int(bn.num_batches_tracked))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.split() == ["True", "1"], out.stdout + out.stderr
+
+
+@pytest.fixture
+def no_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty build directory and a process that has loaded no kernel yet (restored after)."""
+    monkeypatch.setenv(native_mod.BUILD_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(native_mod, "_module", None)
+    monkeypatch.setattr(native_mod, "_load", None)
+    monkeypatch.setattr(native_mod, "_unavailable", None)
+    return tmp_path
+
+
+def test_without_a_build_the_default_warns_once_and_runs_the_eager_kernel(
+    no_build: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.utils import cpp_extension
+
+    def no_compiling(**_: object) -> None:
+        raise AssertionError("the default kernel compiled")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiling)
+    x = make_input((8, 3, 4, 4), torch.float32, False, 60)
+    layer, eager = BatchNorm(3), BatchNorm(3, impl="fast")
+    with pytest.warns(native_mod.NativeKernelWarning, match=r"no build in .*`bnlab build`"):
+        y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        y2 = layer(x)
+        y_fn = batch_norm(x, None, None, torch.zeros(3), torch.ones(3), training=True).y
+    assert torch.equal(y, eager(x)) and torch.equal(y2, eager(x)) and torch.equal(y_fn, y)
+    assert torch.equal(layer.running_var, eager.running_var)
+    assert native_mod.native_load() is None and native_mod.load_native() is None
+
+
+def _copy_build(build: Path, to: Path) -> Path:
+    """The build directory ``build``, copied under the build root ``to``."""
+    target = to / build.name
+    shutil.copytree(build, target)
+    return target
+
+
+def test_a_build_for_another_torch_is_never_loaded(
+    built: Path, no_build: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build whose record names another torch is refused before its library is opened."""
+    directory = _copy_build(built, no_build)
+    info_file = directory / native_mod.BUILD_INFO
+    info = json.loads(info_file.read_text())
+    info["torch"] = "2.0.0+cpu"
+    info_file.write_text(json.dumps(info))
+    opened: list[Path] = []
+    monkeypatch.setattr(native_mod, "_import", lambda path: opened.append(path))
+    with pytest.warns(native_mod.NativeKernelWarning, match=r"torch '2.0.0\+cpu'"):
+        assert native_mod.load_native() is None
+    assert opened == []
+    with pytest.raises(native_mod.NativeBuildError, match="another setup"):
+        native_mod.find_build()
+    # and another torch looks for its build under another name
+    name = native_mod.extension_name()
+    monkeypatch.setattr(torch, "__version__", "2.0.0+cpu")
+    assert native_mod.extension_name() != name
+
+
+def test_a_matching_build_is_loaded_without_compiling(
+    built: Path, no_build: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.utils import cpp_extension
+
+    _copy_build(built, no_build)
+    monkeypatch.setattr(cpp_extension, "load", lambda **_: pytest.fail("compiled"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = native_mod.load_native()
+    load = native_mod.native_load()
+    assert module is not None and load is not None and not load.compiled
+    assert load.path == native_mod.build_dir() and load.path.parent == no_build
+
+
+def test_build_command_reports_where_the_build_lives(
+    built: Path, no_build: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["build", "--check"]) == 1
+    assert "no usable C++ kernel" in capsys.readouterr().err
+    directory = _copy_build(built, no_build)
+    assert main(["build", "--check"]) == 0
+    assert str(directory) in capsys.readouterr().out
+    assert main(["build"]) == 0  # an existing build: nothing compiled
+    out = capsys.readouterr().out
+    assert "already built" in out and str(directory) in out
+
+
+def test_build_failure_is_a_clear_error_and_a_failed_command(
+    no_build: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torch.utils import cpp_extension
+
+    def broken(**_: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.raises(native_mod.NativeBuildError, match=r"no compiler here.*impl=.fast"):
+        native_mod.build_native()
+    assert main(["build"]) == 1
+    err = capsys.readouterr().err
+    assert "no compiler here" in err and "still works" in err
+    assert not (native_mod.build_dir() / native_mod.BUILD_INFO).exists()
 
 
 @settings(max_examples=60)
@@ -29,6 +193,59 @@ def built() -> None:
 def test_native_equals_reference(case: tuple) -> None:
     shape, dtype, affine, channels_last, seed = case
     compare("native", make_input(shape, dtype, channels_last, seed), affine, dtype)
+
+
+@settings(max_examples=60)
+@given(cases())
+def test_default_equals_reference(case: tuple) -> None:
+    """The default kernel (impl="auto": the C++ one, here) through the function."""
+    shape, dtype, affine, channels_last, seed = case
+    compare("auto", make_input(shape, dtype, channels_last, seed), affine, dtype)
+
+
+def _layer_steps(layer: BatchNorm, xs: list[Tensor], seed: int) -> list[tuple[Tensor, ...]]:
+    """Per training step: y and the gradients of x and the parameters present, then the
+    running statistics and the batch count; finally eval's y on the last input."""
+    out = []
+    for i, x in enumerate(xs):
+        xr = x.detach().clone().requires_grad_()
+        y = layer(xr)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + i)).to(y.dtype)
+        params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+        grads = torch.autograd.grad(y, [xr, *params], g.contiguous(memory_format=_format(x)))
+        stats = (layer.running_mean, layer.running_var, layer.num_batches_tracked)
+        out.append((y.detach(), *grads, *(t.clone() for t in stats if t is not None)))
+    layer.eval()
+    out.append((layer(xs[-1]).detach(),))
+    layer.train()
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.sampled_from([0.1, None]), st.sampled_from(["torch", "d2l"]))
+def test_default_layer_equals_reference_layer(
+    case: tuple, momentum: float | None, convention: str
+) -> None:
+    """The default BatchNorm (one C++ call per step, buffers updated in place) against the
+    reference layer over two training steps and eval: outputs, gradients, running statistics
+    and batch counts."""
+    shape, dtype, affine, channels_last, seed = case
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    layers = [
+        BatchNorm(shape[1], affine=affine, momentum=momentum, convention=convention,
+                  impl=impl, dtype=pdt)
+        for impl in ("auto", "reference")
+    ]  # fmt: skip
+    xs = [make_input(shape, dtype, channels_last, seed + k) for k in range(2)]
+    got, expected = (_layer_steps(m, xs, seed) for m in layers)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+    for step_got, step_expected in zip(got, expected, strict=True):
+        assert len(step_got) == len(step_expected)
+        for a, e in zip(step_got, step_expected, strict=True):
+            assert a.dtype == e.dtype and a.shape == e.shape
+            scale = max(1.0, e.double().abs().max().item())
+            # ∂x cancels: compare relative to its terms (as test_fast.compare does), loosely
+            assert (a.double() - e.double()).abs().max().item() <= tol[dtype] * 50 * scale
 
 
 @pytest.mark.parametrize(
@@ -197,17 +414,6 @@ def test_torch_compile_falls_back_to_the_fast_kernel() -> None:
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     inp = torch.randn(8, 4)
     torch.testing.assert_close(compiled(inp), model(inp))
-
-
-def test_build_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch.utils import cpp_extension
-
-    def broken(**_: object) -> None:
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(cpp_extension, "load", broken)
-    with pytest.raises(native_mod.NativeBuildError, match=r"impl=.fast..*needs neither"):
-        native_mod.build_native.__wrapped__()
 
 
 def test_registered_and_cache_key_is_stable() -> None:
@@ -401,7 +607,7 @@ def test_output_cache_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(cpp_extension, "load", no_build)
     with pytest.raises(ValueError, match="BNLAB_NATIVE_CACHE_MB"):  # before any compiling
-        native_mod.build_native.__wrapped__()
+        native_mod.build_native(force=True)
     for bad_limit in (-1, 1.5, True):
         with pytest.raises(ValueError, match="byte count"):
             native_mod.set_output_cache_limit(bad_limit)  # type: ignore[arg-type]

@@ -899,12 +899,120 @@ Tensor eval(const Tensor& x_in, const Tensor& running_mean, const Tensor& runnin
   return y;
 }
 
+// ---------------------------------------------------------------- the layer in one call
+//
+// bnlab.nn.BatchNorm's common case as one call, as PyTorch's module is: the checks of a valid
+// input, the kernel, and in training the update of the layer's running-statistic buffers and
+// batch count in place. Anything it does not handle (another device, an unusual dtype or
+// layout of a buffer, an input the layer would reject) returns nullopt before anything is
+// written: the layer then takes its general Python path, which words the error if there is one.
+
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool dense_cpu_float(const Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided &&
+         is_float(t.scalar_type());
+}
+
+bool per_channel_ok(const c10::optional<Tensor>& t, int64_t C) {
+  return !t.has_value() || (dense_cpu_float(*t) && t->dim() == 1 && t->size(0) == C);
+}
+
+// A running-statistic buffer the update can write in place: (C,), contiguous, in the
+// accumulation dtype, outside any graph.
+bool buffer_ok(const Tensor& t, int64_t C, at::ScalarType acc) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && t.dim() == 1 && t.size(0) == C &&
+         t.scalar_type() == acc && t.is_contiguous() && !t.requires_grad();
+}
+
+c10::optional<Tensor> layer_forward(const Tensor& x, const c10::optional<Tensor>& weight,
+                                    const c10::optional<Tensor>& bias,
+                                    const c10::optional<Tensor>& running_mean,
+                                    const c10::optional<Tensor>& running_var,
+                                    const c10::optional<Tensor>& num_batches_tracked, double eps,
+                                    double momentum, bool momentum_is_decay, bool unbiased,
+                                    bool batch_stats, int64_t expected_dim, int64_t expected_c) {
+  if (!dense_cpu_float(x) || x.dim() < 2 || (expected_dim >= 0 && x.dim() != expected_dim)) {
+    return c10::nullopt;
+  }
+  const int64_t C = x.size(1);
+  if (C == 0 || (expected_c >= 0 && C != expected_c) || x.numel() == 0 ||
+      !per_channel_ok(weight, C) || !per_channel_ok(bias, C)) {
+    return c10::nullopt;
+  }
+  const bool tracking = running_mean.has_value();
+  if (tracking != running_var.has_value()) {
+    return c10::nullopt;
+  }
+  const auto acc = acc_type(x.scalar_type());
+  if (tracking && !(buffer_ok(*running_mean, C, acc) && buffer_ok(*running_var, C, acc))) {
+    return c10::nullopt;
+  }
+  if (!tracking || !batch_stats) {
+    if (!tracking) {  // no running statistics: batch statistics in every mode, nothing to store
+      if (x.numel() / C <= 1) {
+        return c10::nullopt;
+      }
+      return NativeBatchNorm::apply(x, weight, bias, eps)[0];
+    }
+    const bool grad = at::GradMode::is_enabled() &&
+                      (x.requires_grad() || (weight.has_value() && weight->requires_grad()) ||
+                       (bias.has_value() && bias->requires_grad()));
+    if (grad) {  // prediction with a gradient: the differentiable Python path
+      return c10::nullopt;
+    }
+    return eval(x, *running_mean, *running_var, weight, bias, eps);
+  }
+  const int64_t count = x.numel() / C;
+  if (count <= 1 || !num_batches_tracked.has_value()) {
+    return c10::nullopt;
+  }
+  const Tensor& nbt = *num_batches_tracked;
+  if (!nbt.device().is_cpu() || nbt.scalar_type() != at::kLong || nbt.numel() != 1 ||
+      nbt.requires_grad()) {
+    return c10::nullopt;
+  }
+  // all checks passed: from here on the call runs to the end
+  auto out = NativeBatchNorm::apply(x, weight, bias, eps);
+  const Tensor &mean = out[1], &var = out[2];  // contiguous, in the accumulation dtype
+  int64_t* seen = nbt.data_ptr<int64_t>();
+  // the weight on the new batch (bnlab.functional.batch_norm's Convention.new_batch_weight)
+  const double w = momentum < 0 ? 1.0 / double(*seen + 1)
+                                : (momentum_is_decay ? 1.0 - momentum : momentum);
+  AT_DISPATCH_FLOATING_TYPES(acc, "bnlab_layer_update", [&] {
+    // torch.lerp's formula, as in train_update
+    const scalar_t ws = scalar_t(w);
+    auto lerp = [ws](scalar_t a, scalar_t b) {
+      return std::abs(ws) < scalar_t(0.5) ? a + ws * (b - a) : b - (b - a) * (scalar_t(1) - ws);
+    };
+    const scalar_t correction = unbiased ? scalar_t(double(count) / double(count - 1)) : 1;
+    const scalar_t *m = mean.const_data_ptr<scalar_t>(), *v = var.const_data_ptr<scalar_t>();
+    scalar_t* rm = running_mean->data_ptr<scalar_t>();
+    scalar_t* rv = running_var->data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = lerp(rm[c], m[c]);
+      rv[c] = lerp(rv[c], v[c] * correction);
+    }
+  });
+  *seen += 1;
+  // in-place writes, as an ATen in-place operation records them: a graph that saved a buffer
+  // then fails loudly in its backward instead of using the new values
+  torch::autograd::impl::bump_version(*running_mean);
+  torch::autograd::impl::bump_version(*running_var);
+  torch::autograd::impl::bump_version(nbt);
+  return out[0];
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train", &train, "training batch norm: (y, batch mean, biased batch var)");
   m.def("train_update", &train_update, "train() and the running-statistic update");
   m.def("eval", &eval, "batch norm with running statistics");
+  m.def("layer_forward", &layer_forward,
+        "bnlab.nn.BatchNorm's forward, running statistics updated in place; None: not handled");
   m.def("cache_info", [] { return output_cache().info(); },
         "the output cache: cached_bytes, limit_bytes, hits, misses");
   m.def("set_cache_limit", [](int64_t bytes) { output_cache().set_limit(size_t(bytes)); },
