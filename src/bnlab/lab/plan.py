@@ -1,10 +1,12 @@
 """Runs, their cache, and the executor that works through a plan of them.
 
 A :class:`Run` is one unit of work: a task name (a function in :mod:`bnlab.lab.tasks`) with
-JSON parameters. Its result is cached under ``<results>/<experiment>/<key>.json``, where the
-key hashes the task and parameters, so a rerun (or the report) never recomputes what it has,
-and a killed ``bnlab reproduce`` continues where it stopped: finished runs are cached, and a
-training run in progress resumes from its last epoch checkpoint in ``<results>/work/<key>/``.
+JSON parameters. A run is identified by its key, a hash of the task and parameters alone, so
+experiments that need the same run (the chapter's BN-LeNet appears in six sections) share one
+result. It is cached as ``<results>/runs/<key>.json``, so a rerun (or the report) never
+recomputes what it has, and a killed ``bnlab reproduce`` continues where it stopped: finished
+runs are cached, and a training run in progress resumes from its last epoch checkpoint in
+``<results>/work/<key>/`` (checkpoints, not committed: the directory ignores ``work/``).
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-RESULT_VERSION = 1  # bump when a task's result format changes: old cache entries are ignored
+RESULT_VERSION = 2  # bump when a task's result format changes: old cache entries are ignored
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Run:
+    """One unit of work. Equal (and hashed) by :attr:`key`: the experiment and label only say
+    who planned it."""
+
     experiment: str
     label: str  # human-readable, e.g. "bn lr=0.1 seed=0"
     task: str  # a name in bnlab.lab.tasks.TASKS
@@ -41,6 +46,12 @@ class Run:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Run) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
 
 class ResultStore:
     """One JSON file per run, written atomically; a corrupt file is reported by name and
@@ -50,7 +61,17 @@ class ResultStore:
         self.root = Path(root)
 
     def path(self, run: Run) -> Path:
-        return self.root / run.experiment / f"{run.key}.json"
+        return self.root / "runs" / f"{run.key}.json"
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every readable cached record (for re-analysis without the plan)."""
+        out = []
+        for path in sorted((self.root / "runs").glob("*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except ValueError:
+                continue
+        return out
 
     def workdir(self, run: Run) -> Path:
         return self.root / "work" / run.key
@@ -82,15 +103,22 @@ class ResultStore:
         except (OSError, ValueError):
             return 0.0
 
-    def put(self, run: Run, result: dict[str, Any], seconds: float) -> None:
+    def put(
+        self, run: Run, result: dict[str, Any], seconds: float, env: dict[str, Any] | None = None
+    ) -> None:
         path = self.path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
+        ignore = self.root / ".gitignore"  # checkpoints stay out of a committed record
+        if not ignore.exists():
+            atomic_write_text(ignore, "work/\n")
         record = {
+            "key": run.key,
             "experiment": run.experiment,
             "label": run.label,
             "task": run.task,
             "params": run.params,
             "seconds": seconds,
+            "env": env or {},
             "result": result,
         }
         atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
@@ -110,22 +138,34 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _execute(run: Run, store_root: str) -> tuple[Run, dict[str, Any], float]:
+@dataclass(frozen=True)
+class Where:
+    """How runs execute; never part of a run's key (results do not depend on it)."""
+
+    threads: int | None = None  # torch threads per run (None: the cores split among the jobs)
+    device: str = "cpu"
+
+
+def _execute(run: Run, store_root: str, where: Where) -> tuple[Run, dict[str, Any], float]:
     """Run one task (in this or a worker process) and cache its result."""
+    import torch
+
     from bnlab.lab.tasks import run_task
 
     store = ResultStore(store_root)
     start = time.perf_counter()
-    result = run_task(run.task, run.params, workdir=store.workdir(run))
+    result = run_task(
+        run.task, run.params, workdir=store.workdir(run), threads=where.threads, device=where.device
+    )
     seconds = time.perf_counter() - start
-    store.put(run, result, seconds)
+    env = {
+        "threads": torch.get_num_threads(),
+        "device": where.device,
+        "torch": torch.__version__,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    store.put(run, result, seconds, env)
     return run, result, seconds
-
-
-def _init_worker(threads: int) -> None:
-    # LeNet-sized ops gain little from intra-op threads, and oversubscribed OpenMP threads
-    # spin-wait: one run per core with its own threads is faster than runs sharing all cores
-    os.environ["BNLAB_THREADS"] = str(threads)
 
 
 def execute_plan(
@@ -134,6 +174,7 @@ def execute_plan(
     *,
     jobs: int = 1,
     progress: bool = True,
+    where: Where | None = None,
     on_result: Callable[[Run, dict[str, Any]], None] | None = None,
 ) -> dict[Run, dict[str, Any]]:
     """Results for every run, computing only those not cached; shows one progress bar for the
@@ -146,24 +187,26 @@ def execute_plan(
             todo.append(run)
         else:
             results[run] = cached
+    where = where or Where()
     bar = tqdm(total=len(todo), desc="plan", unit="run", disable=not progress or not todo)
     try:
         if jobs <= 1 or len(todo) <= 1:
             for run in todo:
                 bar.set_postfix_str(f"{run.experiment}: {run.label}")
-                _, result, _ = _execute(run, str(store.root))
+                _, result, _ = _execute(run, str(store.root), where)
                 results[run] = result
                 if on_result:
                     on_result(run, result)
                 bar.update()
         else:
-            threads = max(1, (os.cpu_count() or 1) // jobs)
+            # LeNet-sized ops gain little from intra-op threads, and oversubscribed OpenMP
+            # threads spin-wait: one run per core is faster than runs sharing all cores
+            threads = where.threads or max(1, (os.cpu_count() or 1) // jobs)
+            worker = Where(threads, where.device)
             # spawn, not fork: a forked child of a process whose OpenMP pool is running can hang
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
-            ) as pool:
-                futures = [pool.submit(_execute, run, str(store.root)) for run in todo]
+            with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+                futures = [pool.submit(_execute, run, str(store.root), worker) for run in todo]
                 for future in as_completed(futures):
                     run, result, _ = future.result()
                     bar.set_postfix_str(f"{run.experiment}: {run.label}")
@@ -177,10 +220,10 @@ def execute_plan(
 
 
 def _unique(runs: Iterable[Run]) -> list[Run]:
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     out = []
     for run in runs:
-        if (run.experiment, run.key) not in seen:
-            seen.add((run.experiment, run.key))
+        if run.key not in seen:
+            seen.add(run.key)
             out.append(run)
     return out

@@ -8,6 +8,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -40,25 +41,19 @@ class Section:
     name: str  # the experiment's name, also the anchor
     title: str
     claim: str  # the chapter's claim or question
-    verdict: str  # one sentence
+    verdict: str  # computed from the comparisons' CIs
     blocks: list[Block] = field(default_factory=list)
+    claims: list[dict[str, Any]] = field(default_factory=list)  # its entries of verdicts.json
 
 
-def fmt_mean_std(values: list[float], digits: int = 3) -> str:
-    """``0.901 ± 0.004 (n=3)``; a single value has no spread to show."""
-    import statistics
-
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f} (n=1)"
-    m, sd = statistics.fmean(values), statistics.stdev(values)
-    return f"{m:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
+def _cell(text: str) -> str:
+    """A Markdown table cell: a literal | would end the cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(t: Table) -> str:
-    lines = ["| " + " | ".join(t.headers) + " |", "|" + "---|" * len(t.headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+    lines = ["| " + " | ".join(_cell(h) for h in t.headers) + " |", "|" + "---|" * len(t.headers)]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in t.rows]
     if t.caption:
         lines += ["", f"*{t.caption}*"]
     return "\n".join(lines)
@@ -101,9 +96,10 @@ def _inline_md(text: str) -> str:
 
 def render_html(title: str, preamble: str, sections: list[Section]) -> str:
     css = (
-        "body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;"
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
         "line-height:1.5;color:#222}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f4f4f4}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+        ".wrap{overflow-x:auto}th{background:#f4f4f4}"
         "td:first-child,th:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%}"
         "figcaption{font-size:.9em;color:#555}.claim{background:#f6f8fa;padding:.6em 1em}"
         ".verdict{border-left:4px solid #2a7;padding:.4em 1em}code{background:#f0f0f0}"
@@ -124,7 +120,7 @@ def render_html(title: str, preamble: str, sections: list[Section]) -> str:
                     for r in b.rows
                 )
                 cap = f"<caption>{_inline_md(b.caption)}</caption>" if b.caption else ""
-                body.append(f"<table>{cap}<tr>{head}</tr>{rows}</table>")
+                body.append(f'<div class="wrap"><table>{cap}<tr>{head}</tr>{rows}</table></div>')
             elif isinstance(b, Figure):
                 data = base64.b64encode(Path(b.path).read_bytes()).decode()
                 body.append(

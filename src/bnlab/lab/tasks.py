@@ -1,9 +1,9 @@
 """The units of work a plan is made of. Each task takes JSON parameters and a work directory
 and returns a JSON-serializable result; nothing here decides what to run (the experiments do).
 
-    train        one training run (resumed from its work directory if it was killed), plus
-                 optional probes of the trained model (first BN's γ/β, population statistics,
-                 folding)
+    train        one training run (resumed from its work directory if it was killed), its final
+                 evaluation with moving and with precise statistics, and probes of the trained
+                 model (first BN's γ/β, folding)
     batch_one    what happens to BN with one value per channel (the chapter's batch size 1)
     controversy  a training run with ICS / loss-landscape probes (bnlab.lab.controversy)
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,8 @@ from torch import nn
 
 from bnlab.data import FashionMNIST, load_fashion_mnist
 
+CPU = torch.device("cpu")
+
 
 @functools.cache
 def dataset() -> FashionMNIST:
@@ -30,32 +31,88 @@ def dataset() -> FashionMNIST:
     return load_fashion_mnist(progress=False)
 
 
-def _test_tensors(device: torch.device, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(
+    which: str, n: int | None, device: torch.device = CPU
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images of a split as the training loop sees them."""
+    from bnlab.train import to_device_tensors
+
     data = dataset()
-    x = data.test_images[:n].to(device=device, dtype=torch.float32).div_(255).unsqueeze(1)
-    return x, data.test_labels[:n].to(device)
+    images, labels = (
+        (data.train_images, data.train_labels)
+        if which == "train"
+        else (data.test_images, data.test_labels)
+    )
+    return to_device_tensors(images[:n], labels[:n], device)
 
 
-def _train_tensors(n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    data = dataset()
-    x = data.train_images[:n].to(torch.float32).div_(255).unsqueeze(1)
-    return x, data.train_labels[:n]
+def train_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
+    """Train (or resume) one configuration, then evaluate it the ways the report compares:
 
+    final.train_loss / train_acc   the last epoch's running averages (training mode)
+    final.test_acc_moving          eval mode with the moving averages kept in training
+    final.test_acc_precise         eval mode after bnlab.tools.precise_bn over the run's
+                                   training images (the chapter's whole-dataset statistics;
+                                   equal to the moving reading where no BN keeps running
+                                   statistics, as final.recalibrated = 0 says)
+    final.test_acc_batch_stats     training mode on 256-image test batches (running stats
+                                   untouched)
+    probes.first_bn                the first norm layer's learned γ and β
+    probes.fold                    BN folded into the layer before it (BN models only)
+    """
+    from bnlab.train import TrainConfig, evaluate, resume, train
 
-def train_task(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    from bnlab.train import TrainConfig, resume, train
-
-    config = TrainConfig.from_dict({**params["config"], "out": str(workdir), "device": "cpu"})
+    config = TrainConfig.from_dict({**params["config"], "out": str(workdir), "device": device})
     if (workdir / "config.json").exists():
         result = resume(workdir, dataset(), progress=False)
     else:
         result = train(config, dataset(), progress=False)
-    out: dict[str, Any] = {"history": [e.to_dict() for e in result.history]}
-    probes: dict[str, Any] = {}
-    for probe in params.get("probes", []):
-        probes[probe] = PROBES[probe](result.model, config, params)
-    out["probes"] = probes
-    return out
+    model = result.model.eval()
+    dev = result.device
+    train_x, _ = _split("train", config.subset, dev)
+    test_x, test_y = _split("test", config.test_subset, dev)
+    last = result.history[-1]
+    precise = copy.deepcopy(model)
+    recalibrated = _recalibrate(precise, train_x)
+    final = {
+        "train_loss": last.train_loss,
+        "train_acc": last.train_acc,
+        "test_acc_moving": last.test_acc,
+        "test_acc_precise": evaluate(precise, test_x, test_y) if recalibrated else last.test_acc,
+        "test_acc_batch_stats": _batch_stats_accuracy(model, test_x, test_y),
+        "recalibrated": recalibrated,
+    }
+    probes: dict[str, Any] = {"first_bn": probe_first_bn(model)}
+    foldable = config.norm_position == "before" and config.norm_layers != "none"
+    if config.norm in ("bnlab", "torch") and foldable:
+        try:
+            probes["fold"] = probe_fold(model, test_x[:256])
+        except (ValueError, TypeError) as e:  # e.g. BN after the activation has no layer to go
+            probes["fold"] = {"error": str(e)}
+    return {"history": [e.to_dict() for e in result.history], "final": final, "probes": probes}
+
+
+def _recalibrate(model: nn.Module, train_x: torch.Tensor) -> int:
+    """Precise statistics for every BN with running statistics; returns how many there are."""
+    from bnlab.tools import precise_bn
+    from bnlab.tools.common import find_batch_norms, has_running_stats
+
+    n = sum(1 for _, m in find_batch_norms(model) if has_running_stats(m))
+    if n:
+        precise_bn(model, [train_x[i : i + 1024] for i in range(0, len(train_x), 1024)])
+    return n
+
+
+def _batch_stats_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy with each 256-image test batch's own statistics (a copy in training mode, so
+    the model's running statistics are untouched)."""
+    batch_mode = copy.deepcopy(model).train()
+    with torch.no_grad():
+        correct = sum(
+            int((batch_mode(x[i : i + 256]).argmax(1) == y[i : i + 256]).sum())
+            for i in range(0, len(x), 256)
+        )
+    return correct / len(x)
 
 
 # ---- probes of a trained model -------------------------------------------------------------
@@ -67,7 +124,7 @@ def _norm_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BatchNorm | nn.modules.batchnorm._NormBase)]
 
 
-def probe_first_bn(model: nn.Module, config: Any, params: dict[str, Any]) -> dict[str, Any]:
+def probe_first_bn(model: nn.Module) -> dict[str, Any]:
     """The learned γ and β of the first BN layer (the chapter prints them)."""
     norms = _norm_modules(model)
     if not norms:
@@ -77,38 +134,6 @@ def probe_first_bn(model: nn.Module, config: Any, params: dict[str, Any]) -> dic
         "gamma": gamma.detach().flatten().tolist() if gamma is not None else None,
         "beta": beta.detach().flatten().tolist() if beta is not None else None,
     }
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        correct = sum(
-            int((model(x[i : i + 2048]).argmax(1) == y[i : i + 2048]).sum())
-            for i in range(0, len(x), 2048)
-        )
-    return correct / len(x)
-
-
-def probe_population(model: nn.Module, config: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """Test and train accuracy in eval mode with the moving averages, then with precise
-    whole-dataset statistics (bnlab.tools.precise_bn), and in train mode (batch statistics)."""
-    from bnlab.tools import precise_bn
-
-    xt, yt = _test_tensors(torch.device("cpu"))
-    xtr, ytr = _train_tensors(config.subset)
-    out = {"moving_test": _accuracy(model, xt, yt), "moving_train": _accuracy(model, xtr, ytr)}
-    precise = copy.deepcopy(model)
-    precise_bn(precise, (xtr[i : i + 1024] for i in range(0, len(xtr), 1024)))
-    out["precise_test"] = _accuracy(precise, xt, yt)
-    out["precise_train"] = _accuracy(precise, xtr, ytr)
-    batch_mode = copy.deepcopy(model).train()
-    with torch.no_grad():  # batch statistics of 256-sample test batches, running stats discarded
-        correct = sum(
-            int((batch_mode(xt[i : i + 256]).argmax(1) == yt[i : i + 256]).sum())
-            for i in range(0, len(xt), 256)
-        )
-    out["batch_stats_test"] = correct / len(xt)
-    return out
 
 
 def _median_seconds(fn: Callable[[], Any], reps: int = 30) -> float:
@@ -123,14 +148,13 @@ def _median_seconds(fn: Callable[[], Any], reps: int = 30) -> float:
     return times[len(times) // 2]
 
 
-def probe_fold(model: nn.Module, config: Any, params: dict[str, Any]) -> dict[str, Any]:
+def probe_fold(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Fold every BN into the layer before it: the largest output difference and the eval
     forward time of a 256-image batch, folded vs not (medians, measured interleaved)."""
     from bnlab.tools import fold_bn
 
     model.eval()
     folded = fold_bn(model)
-    x, _ = _test_tensors(torch.device("cpu"), 256)
     with torch.no_grad():
         ref, got = model(x), folded(x)
         diff = float((ref - got).abs().max() / ref.abs().max())
@@ -150,23 +174,16 @@ def probe_fold(model: nn.Module, config: Any, params: dict[str, Any]) -> dict[st
     }
 
 
-PROBES: dict[str, Callable[[nn.Module, Any, dict[str, Any]], dict[str, Any]]] = {
-    "first_bn": probe_first_bn,
-    "population": probe_population,
-    "fold": probe_fold,
-}
-
-
 # ---- the other tasks -------------------------------------------------------------------------
 
 
-def batch_one_task(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def batch_one_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
     """Batch size 1: bnlab refuses to train (the error it raises), and the normalized output
     computed anyway is identically zero, so γ gets no gradient and β alone passes through."""
     from bnlab.functional import moments, scale_shift
     from bnlab.nn import BatchNorm
 
-    x, _ = _train_tensors(1)
+    x, _ = _split("train", 1)
     flat = x.flatten(1)  # (1, 784): the fully-connected case, one value per feature
     try:
         BatchNorm(flat.shape[1])(flat)
@@ -185,22 +202,30 @@ def batch_one_task(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     }
 
 
-def controversy_task(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def controversy_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
     from bnlab.lab.controversy import run_controversy
 
-    return run_controversy(params, dataset())
+    return run_controversy({**params, "device": device}, dataset())
 
 
-TASKS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
+TASKS: dict[str, Callable[[dict[str, Any], Path, str], dict[str, Any]]] = {
     "train": train_task,
     "batch_one": batch_one_task,
     "controversy": controversy_task,
 }
 
 
-def run_task(task: str, params: dict[str, Any], *, workdir: Path) -> dict[str, Any]:
+def run_task(
+    task: str,
+    params: dict[str, Any],
+    *,
+    workdir: Path,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     if task not in TASKS:
         raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}.")
     workdir.parent.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(int(os.environ.get("BNLAB_THREADS", torch.get_num_threads())))
-    return TASKS[task](params, workdir)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return TASKS[task](params, workdir, device)

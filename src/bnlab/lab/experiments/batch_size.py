@@ -8,13 +8,16 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from bnlab.lab.experiments.base import (
+    METRICS,
     Planned,
     Results,
-    by_variant,
+    by_arm,
+    claim,
+    comparisons,
+    comparisons_table,
     empty_section,
-    finals,
-    mean,
-    missing,
+    mean_ci_of,
+    missing_note,
     save,
     train_run,
 )
@@ -22,6 +25,7 @@ from bnlab.lab.experiments.exercises import RENORM_OPTIONS
 from bnlab.lab.plan import Run
 from bnlab.lab.report import Block, Figure, Section, Table, Text
 from bnlab.lab.scale import Scale
+from bnlab.lab.stats import Comparison
 
 SIZES = (2, 4, 8, 16, 32, 64, 128, 256)
 NORMS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -39,6 +43,31 @@ def lr_for(batch_size: int) -> float:
     return batch_size / 256
 
 
+def best_batch(
+    groups: dict[str, dict[int, dict[str, Any]]], norm: str, metric: str
+) -> tuple[int | None, list[Comparison]]:
+    """The size with the best mean on ``metric`` and every other size compared with it."""
+    arms = {b: f"{norm} b={b}" for b in SIZES if groups.get(f"{norm} b={b}")}
+    if not arms:
+        return None, []
+    sign = 1 if METRICS[metric][1] else -1
+    best = max(arms, key=lambda b: sign * mean_ci_of(groups[arms[b]], metric).mean)
+    return best, comparisons(groups, arms[best], metric, list(arms.values()))
+
+
+def best_phrase(norm: str, best: int | None, comps: list[Comparison], metric: str) -> str:
+    if best is None:
+        return f"{norm}: no result yet"
+    tied = [c.a.split("b=")[1] for c in comps if c.verdict == "no detectable difference"]
+    name = METRICS[metric][0]
+    if not tied:
+        return f"{norm}: batch {best} is best by {name}, every other size is worse (95% CIs)"
+    return (
+        f"{norm}: the best mean {name} is at batch {best}, but sizes {', '.join(tied)} are not "
+        "separable from it (95% CIs), so no single best batch is claimed"
+    )
+
+
 class BatchSize:
     name = "batch-size"
     title = "Batch size: from 1 to 256, with BN and the small-batch alternatives"
@@ -47,17 +76,20 @@ class BatchSize:
         "noisy for small batches, and sizes of 50-100 work best."
     )
 
+    def seeds(self, scale: Scale) -> int:
+        return scale.seeds_for(costly=True)
+
     def subset(self, scale: Scale) -> int | None:
         return scale.subset if scale.quick else FULL_SUBSET
 
-    def plan(self, scale: Scale) -> Planned:
+    def plan(self, scale: Scale, results: Results | None = None) -> Planned:
         planned: Planned = [("batch 1", Run(self.name, "batch 1", "batch_one", {}))]
         planned += [
             train_run(
                 self.name,
                 f"{label} b={b}",
                 scale,
-                0,
+                seed,
                 batch_size=b,
                 lr=lr_for(b),
                 subset=self.subset(scale),
@@ -65,21 +97,22 @@ class BatchSize:
             )
             for label, cfg in NORMS
             for b in SIZES
+            for seed in range(self.seeds(scale))
         ]
         return planned
 
     def summarize(self, scale: Scale, planned: Planned, results: Results, fig_dir: Path) -> Section:
-        groups = by_variant(planned, results)
+        groups = by_arm(planned, results)
         if not any(groups.values()):
             return empty_section(self, "No run of this experiment has finished yet.")
         blocks: list[Block] = [
             Text(
                 f"*Scale: {scale.describe()}; here {self.subset(scale) or 60000:,} training "
-                "images, 1 seed per point, equal epochs, lr = batch/256 (linear scaling from "
-                "the chapter's 1.0 at 256).*"
+                f"images, {self.seeds(scale)} seeds per point, equal epochs, lr = batch/256 "
+                "(linear scaling from the chapter's 1.0 at 256).*"
             ),
         ]
-        one = groups.get("batch 1", [])
+        one = [results[run] for arm, run in planned if arm == "batch 1" and run in results]
         if one:
             r = one[0]
             blocks.append(
@@ -90,70 +123,103 @@ class BatchSize:
                     f"{r['max_abs_gamma_grad']:g}: x − mean(x) is exactly 0 with one sample."
                 )
             )
-        fig, ax = plt.subplots(figsize=(6, 3.8))
         rows = []
-        best: dict[str, int] = {}
-        best_loss: dict[str, tuple[int, float]] = {}  # by final training loss
         for label, _ in NORMS:
-            xs, ys, losses = [], [], []
             for b in SIZES:
-                rs = groups.get(f"{label} b={b}", [])
-                if rs:
-                    acc = mean(finals(rs, "test_acc"))
-                    xs.append(b)
-                    ys.append(acc)
-                    losses.append(mean(finals(rs, "train_loss")))
+                runs = groups.get(f"{label} b={b}", {})
+                if runs:
                     rows.append(
                         [
                             label,
                             str(b),
                             f"{lr_for(b):.4g}",
-                            f"{acc:.3f}",
-                            f"{mean(finals(rs, 'train_loss')):.3f}",
+                            str(len(runs)),
+                            mean_ci_of(runs, "test_acc_precise").fmt(),
+                            mean_ci_of(runs, "train_loss").fmt(),
                         ]
                     )
-            if xs:
-                best[label] = xs[max(range(len(ys)), key=lambda i: ys[i])]
-                i_loss = min(range(len(losses)), key=lambda i: losses[i])
-                best_loss[label] = (xs[i_loss], losses[i_loss])
-                ax.plot(xs, ys, marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size (log scale)")
-        ax.set_ylabel("final test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        blocks.append(
+            Table(
+                ["norm", "batch", "lr", "n", "test acc (precise)", "train loss"],
+                rows,
+                "Final epoch, mean and 95% CI over seeds.",
+            )
+        )
+        blocks += self._figure(groups, fig_dir)
+        claims, phrases, all_comps = [], [], []
+        for metric in ("test_acc_precise", "train_loss"):
+            for label, _ in NORMS:
+                best, comps = best_batch(groups, label, metric)
+                if best is None:
+                    continue
+                all_comps += comps
+                phrases.append(best_phrase(label, best, comps, metric))
+                claims.append(claim(self.name, metric, f"{label} b={best}", comps, norm=label))
+        blocks.append(
+            comparisons_table(
+                all_comps,
+                "Every batch size against the best one of its norm (by mean), per metric, "
+                "paired by seed.",
+            )
+        )
+        gap = missing_note(planned, results)
+        if gap:
+            blocks.append(gap)
+        verdict = (
+            "; ".join(phrases) + ". The chapter's 50-100 claim holds here only where a size in "
+            "that range is best and separable from the others."
+            if phrases
+            else "No result yet."
+        )
+        return Section(self.name, self.title, self.claim, verdict, blocks, claims=claims)
+
+    def _figure(self, groups: dict[str, dict[int, dict[str, Any]]], fig_dir: Path) -> list[Block]:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
+        styles = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D")]
+        for i, (label, _) in enumerate(NORMS):
+            for ax, metric in zip(axes, ("test_acc_precise", "train_loss"), strict=True):
+                xs, ci = [], []
+                for b in SIZES:
+                    runs = groups.get(f"{label} b={b}", {})
+                    if runs:
+                        xs.append(b * 2 ** (0.04 * (i - 1.5)))  # dodge overlapping points
+                        ci.append(mean_ci_of(runs, metric))
+                if not xs:
+                    continue
+                ls, marker = styles[i % len(styles)]
+                ax.errorbar(
+                    xs,
+                    [c.mean for c in ci],
+                    yerr=[
+                        [c.mean - c.lo if c.n > 1 else 0 for c in ci],
+                        [c.hi - c.mean if c.n > 1 else 0 for c in ci],
+                    ],
+                    ls=ls,
+                    marker=marker,
+                    ms=4,
+                    capsize=2,
+                    label=label,
+                )
+        for ax, name in zip(
+            axes, ("final test accuracy (precise)", "final training loss"), strict=True
+        ):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size (log scale)")
+            ax.set_ylabel(name)
+            ax.axvspan(50, 100, color="grey", alpha=0.1, lw=0)
+            ax.grid(alpha=0.3)
+        axes[1].set_yscale("log")
+        axes[0].legend(fontsize=8)
         fig.tight_layout()
         path = fig_dir / "batch_size.png"
         save(fig, path)
-        blocks += [
-            Table(["norm", "batch", "lr", "test acc", "train loss"], rows, "Final epoch."),
-            Figure(path, "Final test accuracy against the batch size (equal epochs)."),
-        ]
-        gap = missing(planned, results)
-        if gap:
-            blocks.append(Text(gap.note()))
-
-        def in_range(b: int | None) -> str:
-            if b is None:
-                return ""
-            inside = 50 <= b <= 128
-            return f" — {'inside' if inside else 'outside'} the chapter's 50-100 range"
-
-        bn_best = best.get("BN")
-        verdict = (
-            f"By final test accuracy BN's best batch here is {bn_best}{in_range(bn_best)}"
-            + "; best per norm: "
-            + ", ".join(f"{k} {v}" for k, v in best.items())
-            + "."
-        )
-        if "BN" in best_loss:
-            b, loss = best_loss["BN"]
-            verdict += (
-                f" By final training loss (less noisy: one seed per point, and test accuracy "
-                f"with moving-average statistics moves by several points between seeds, "
-                f"sections 1 and 7) BN's best batch is {b} (loss {loss:.3f}){in_range(b)}."
+        return [
+            Figure(
+                path,
+                "Final test accuracy and training loss against the batch size (equal epochs; "
+                "bars: 95% CI over seeds; shaded: the chapter's 50-100).",
             )
-        return Section(self.name, self.title, self.claim, verdict, blocks)
+        ]
 
 
 BATCH_SIZE = BatchSize()

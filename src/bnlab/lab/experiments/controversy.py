@@ -3,12 +3,27 @@ Santurkar et al. (2018) did; the measurements live in :mod:`bnlab.lab.controvers
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-from bnlab.lab.experiments.base import Planned, Results, empty_section, missing
+from bnlab.lab.experiments.base import (
+    Planned,
+    Results,
+    claim,
+    comparisons_table,
+    empty_section,
+    missing_note,
+    power_note,
+    seed_of,
+    verdict_sentence,
+)
 from bnlab.lab.plan import Run
 from bnlab.lab.report import Block, Figure, Section, Table, Text
 from bnlab.lab.scale import Scale
+from bnlab.lab.stats import Comparison, compare
 
 VARIANTS = (("BN", "bnlab"), ("noisy BN", "noisy"), ("no BN", "none"))
 
@@ -23,9 +38,9 @@ class Controversy:
     )
 
     def seeds(self, scale: Scale) -> int:
-        return min(scale.seeds, 2)
+        return scale.seeds_for(costly=True)
 
-    def plan(self, scale: Scale) -> Planned:
+    def plan(self, scale: Scale, results: Results | None = None) -> Planned:
         return [
             (
                 label,
@@ -54,7 +69,12 @@ class Controversy:
         done = [results[run] for _, run in planned if run in results]
         if not done:
             return empty_section(self, "No run of this experiment has finished yet.")
-        headers, rows, verdict = summarize_controversy(done)
+        headers, rows, _ = summarize_controversy(done)
+        groups: dict[str, dict[int, dict[str, Any]]] = {}
+        for label, run in planned:
+            if run in results:
+                groups.setdefault(label, {})[seed_of(run)] = results[run]
+        comps = controversy_comparisons(groups)
         first = planned[0][1].params
         blocks: list[Block] = [
             Text(
@@ -62,13 +82,88 @@ class Controversy:
                 f"{first['subset'] or 60000:,} images, {self.seeds(scale)} seed(s), probes every "
                 f"{first['measure_every']} steps.*"
             ),
-            Table(headers, rows, "Per variant: final test accuracy and the landscape probes."),
+            Table(
+                headers,
+                rows,
+                "Per arm, pooled over seeds: final test accuracy (moving averages) and the "
+                "probes; 'all / off plateau' medians over every probe and over the probes whose "
+                "batch loss was below 0.9 · ln 10 (only as many as the last column says).",
+            ),
+            comparisons_table(
+                comps,
+                "Each arm minus BN on one number per run (the run's final value, or its mean "
+                "or median over probes), paired by seed, t-interval. For ICS, loss variation "
+                "and gradient change lower is 'better' (less shift, smoother); for cos(G, G') "
+                "higher.",
+            ),
         ]
+        note = power_note(comps)
+        if note:
+            blocks.append(note)
         blocks += [Figure(path, caption) for path, caption in plot_controversy(done, fig_dir)]
-        gap = missing(planned, results)
+        gap = missing_note(planned, results)
         if gap:
-            blocks.append(Text(gap.note()))
-        return Section(self.name, self.title, self.claim, verdict, blocks)
+            blocks.append(gap)
+        claims = [
+            claim(self.name, metric, "BN", [c for c in comps if c.metric == metric])
+            for metric in dict.fromkeys(c.metric for c in comps)
+        ]
+        return Section(
+            self.name, self.title, self.claim, verdict_sentence(comps), blocks, claims=claims
+        )
+
+
+def _mean(values: list[float]) -> float:
+    ok = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(ok) if ok else math.nan
+
+
+def _median(values: list[float]) -> float:
+    ok = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(ok) if ok else math.nan
+
+
+# per-run summaries: name -> (how to read it from a run's result, higher is better)
+RUN_METRICS: dict[str, tuple[Callable[[Mapping[str, Any]], float], bool]] = {
+    "final training loss": (lambda r: r["history"][-1]["train_loss"], False),
+    "test accuracy, moving averages": (lambda r: r["final_test_acc"], True),
+    "ICS mean ||G−G'||": (
+        lambda r: _mean([v for vs in r["probes"]["ics_l2"].values() for v in vs]),
+        False,
+    ),
+    "ICS mean cos(G, G')": (
+        lambda r: _mean([v for vs in r["probes"]["ics_cos"].values() for v in vs]),
+        True,
+    ),
+    "median loss variation": (lambda r: _median(r["probes"]["loss_variation"]), False),
+    "median gradient change": (lambda r: _median(r["probes"]["grad_predictiveness"]), False),
+}
+
+
+def controversy_comparisons(
+    groups: Mapping[str, Mapping[int, Mapping[str, Any]]],
+) -> list[Comparison]:
+    """noisy BN vs BN on training (does noise hurt?), no BN vs BN on the probes."""
+    out = []
+    for arm, metrics in (
+        ("noisy BN", ("final training loss", "test accuracy, moving averages")),
+        ("no BN", tuple(RUN_METRICS)),
+    ):
+        if not groups.get(arm) or not groups.get("BN"):
+            continue
+        for metric in metrics:
+            get, higher = RUN_METRICS[metric]
+            out.append(
+                compare(
+                    {s: get(r) for s, r in groups[arm].items()},
+                    {s: get(r) for s, r in groups["BN"].items()},
+                    a_name=arm,
+                    b_name="BN",
+                    metric=metric,
+                    higher_is_better=higher,
+                )
+            )
+    return out
 
 
 CONTROVERSY = Controversy()

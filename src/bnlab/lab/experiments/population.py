@@ -7,14 +7,21 @@ from pathlib import Path
 from bnlab.lab.experiments.base import (
     Planned,
     Results,
-    by_variant,
+    by_arm,
+    claim,
+    comparisons_table,
     empty_section,
-    mean,
-    missing,
+    mean_ci_of,
+    missing_note,
+    power_note,
+    scale_note,
     train_run,
+    values,
+    verdict_sentence,
 )
-from bnlab.lab.report import Block, Section, Table, Text, fmt_mean_std
+from bnlab.lab.report import Block, Section, Table, Text
 from bnlab.lab.scale import Scale
+from bnlab.lab.stats import compare
 
 MOMENTA = (0.01, 0.1, 0.5)  # PyTorch's convention: weight on the newest batch
 
@@ -28,70 +35,88 @@ class PopulationStats:
     )
 
     def seeds(self, scale: Scale) -> int:
-        return min(scale.seeds, 2)
+        return scale.seeds_for(costly=False)
 
-    def plan(self, scale: Scale) -> Planned:
+    def plan(self, scale: Scale, results: Results | None = None) -> Planned:
         return [
             train_run(
                 self.name,
                 f"momentum {m:g}",
                 scale,
                 seed,
-                probes=("population",),
                 norm="bnlab",
-                norm_options=[f"momentum={m}"],
+                norm_options=[] if m == 0.1 else [f"momentum={m}"],  # 0.1: the default run
             )
             for m in MOMENTA
             for seed in range(self.seeds(scale))
         ]
 
     def summarize(self, scale: Scale, planned: Planned, results: Results, fig_dir: Path) -> Section:
-        groups = {k: v for k, v in by_variant(planned, results).items() if v}
+        groups = {k: v for k, v in by_arm(planned, results).items() if v}
         if not groups:
             return empty_section(self, "No run of this experiment has finished yet.")
-        rows = []
-        deltas: dict[str, float] = {}
-        for variant, rs in groups.items():
-            p = [r["probes"]["population"] for r in rs]
-            deltas[variant] = mean([x["precise_test"] - x["moving_test"] for x in p])
-            rows.append(
-                [
-                    variant,
-                    fmt_mean_std([x["moving_test"] for x in p]),
-                    fmt_mean_std([x["precise_test"] for x in p]),
-                    fmt_mean_std([x["batch_stats_test"] for x in p]),
-                    fmt_mean_std([x["moving_train"] - x["moving_test"] for x in p]),
-                    fmt_mean_std([x["precise_train"] - x["precise_test"] for x in p]),
-                ]
+        rows = [
+            [
+                arm,
+                str(len(runs)),
+                mean_ci_of(runs, "test_acc_moving").fmt(),
+                mean_ci_of(runs, "test_acc_precise").fmt(),
+                mean_ci_of(runs, "test_acc_batch_stats").fmt(),
+            ]
+            for arm, runs in groups.items()
+        ]
+        # the same trained network read two ways: paired within each run
+        comps = [
+            compare(
+                values(runs, "test_acc_precise"),
+                values(runs, "test_acc_moving"),
+                a_name=f"precise ({arm})",
+                b_name=f"moving averages ({arm})",
+                metric="test accuracy",
+                higher_is_better=True,
             )
+            for arm, runs in groups.items()
+        ]
         blocks: list[Block] = [
-            Text(
-                f"*Scale: {scale.describe()}; seeds here: {self.seeds(scale)}. Precise "
-                "statistics: `bnlab.tools.precise_bn` over the training images, exact and "
-                "count-weighted.*"
+            scale_note(
+                scale,
+                self.seeds(scale),
+                " Precise statistics: `bnlab.tools.precise_bn` over all the training images, "
+                "exact and count-weighted, each BN in turn as the prediction network sees it.",
             ),
             Table(
-                [
-                    "momentum",
-                    "test acc, moving avg",
-                    "test acc, precise",
-                    "test acc, batch stats",
-                    "train−test gap, moving",
-                    "train−test gap, precise",
-                ],
+                ["momentum", "n", "moving averages", "precise", "batch statistics"],
                 rows,
-                "Eval-mode accuracy with each source of statistics (batch stats: train mode on "
-                "256-image test batches).",
+                "Test accuracy in eval mode with each source of statistics, mean and 95% CI "
+                "over seeds (batch statistics: training mode on 256-image test batches).",
+            ),
+            comparisons_table(
+                comps,
+                "Precise minus moving-average reading of the same trained networks, paired by "
+                "run, t-interval.",
             ),
         ]
-        gap = missing(planned, results)
+        note = power_note(comps)
+        if note:
+            blocks.append(note)
+        gap = missing_note(planned, results)
         if gap:
-            blocks.append(Text(gap.note()))
-        verdict = (
-            "Replacing the moving averages by precise whole-dataset statistics changes test "
-            "accuracy by " + ", ".join(f"{d:+.4f} ({k})" for k, d in deltas.items()) + "."
+            blocks.append(gap)
+        if any(len(runs) >= 2 for runs in groups.values()):
+            blocks.append(
+                Text(
+                    "Every other section reads test accuracy both ways and compares arms by the "
+                    "precise reading."
+                )
+            )
+        return Section(
+            self.name,
+            self.title,
+            self.claim,
+            verdict_sentence(comps),
+            blocks,
+            claims=[claim(self.name, "test_acc_precise - test_acc_moving", "moving", comps)],
         )
-        return Section(self.name, self.title, self.claim, verdict, blocks)
 
 
 POPULATION = PopulationStats()

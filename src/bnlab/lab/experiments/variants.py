@@ -1,5 +1,5 @@
-"""The common shape of most experiments: a few model/training variants, each trained with
-several seeds, compared by their final numbers and curves."""
+"""The common shape of most experiments: a few arms (model/training variants), each trained
+with several seeds, compared with a named reference arm by their final numbers."""
 
 from __future__ import annotations
 
@@ -9,19 +9,24 @@ from pathlib import Path
 from typing import Any
 
 from bnlab.lab.experiments.base import (
+    Groups,
     Planned,
     Results,
-    by_variant,
+    arms_table,
+    by_arm,
+    claim,
+    comparisons,
+    comparisons_table,
     curves_figure,
     empty_section,
-    final_table,
-    missing,
+    missing_note,
+    power_note,
+    scale_note,
     train_run,
+    verdict_sentence,
 )
-from bnlab.lab.report import Block, Section, Text
+from bnlab.lab.report import Block, Section
 from bnlab.lab.scale import Scale
-
-Groups = dict[str, list[dict[str, Any]]]
 
 
 @dataclass
@@ -29,43 +34,57 @@ class VariantExperiment:
     name: str
     title: str
     claim: str
-    variants: Sequence[tuple[str, dict[str, Any]]]  # (label, TrainConfig overrides)
-    verdict: Callable[[Groups], str]
-    probes: Sequence[str] = ()
-    max_seeds: int | None = None  # cap on the scale's seeds (cost control), stated in the report
+    arms: Sequence[tuple[str, dict[str, Any]]]  # (label, TrainConfig overrides)
+    reference: str  # the arm every other one is compared with
+    metrics: Sequence[str] = ("test_acc_precise", "train_loss")  # compared, in this order
     extra: Callable[[Groups, Path, Scale], list[Block]] | None = None
     notes: str = ""
 
     def seeds(self, scale: Scale) -> int:
-        return min(scale.seeds, self.max_seeds) if self.max_seeds else scale.seeds
+        return scale.seeds_for(costly=False)
 
-    def plan(self, scale: Scale) -> Planned:
+    def plan(self, scale: Scale, results: Results | None = None) -> Planned:
         return [
-            train_run(self.name, label, scale, seed, probes=self.probes, **overrides)
-            for label, overrides in self.variants
+            train_run(self.name, label, scale, seed, **overrides)
+            for label, overrides in self.arms
             for seed in range(self.seeds(scale))
         ]
 
     def summarize(self, scale: Scale, planned: Planned, results: Results, fig_dir: Path) -> Section:
-        groups = {k: v for k, v in by_variant(planned, results).items() if v}
+        groups = {k: v for k, v in by_arm(planned, results).items() if v}
         if not groups:
             return empty_section(self, "No run of this experiment has finished yet.")
+        comps = [c for m in self.metrics for c in comparisons(groups, self.reference, m)]
         blocks: list[Block] = [
-            Text(
-                f"*Scale: {scale.describe()}; seeds per variant here: {self.seeds(scale)}.*"
-                + (f" {self.notes}" if self.notes else "")
+            scale_note(
+                scale,
+                self.seeds(scale),
+                f" Reference arm: {self.reference}." + (f" {self.notes}" if self.notes else ""),
             ),
-            final_table(groups, "Final epoch, mean ± std over seeds (n = seeds)."),
+            arms_table(groups),
+            comparisons_table(comps),
+        ]
+        note = power_note(comps)
+        if note:
+            blocks.append(note)
+        blocks.append(
             curves_figure(
                 groups,
                 fig_dir / f"{self.name}_curves.png",
                 f"{self.title}: per-epoch training loss, training accuracy and test accuracy "
-                "(mean over seeds; band: min to max).",
-            ),
-        ]
+                "(moving averages), mean over seeds"
+                + ("; band: 95% CI." if len(groups) <= 3 else "."),
+            )
+        )
         if self.extra:
             blocks += self.extra(groups, fig_dir, scale)
-        gap = missing(planned, results)
+        gap = missing_note(planned, results)
         if gap:
-            blocks.append(Text(gap.note()))
-        return Section(self.name, self.title, self.claim, self.verdict(groups), blocks)
+            blocks.append(gap)
+        claims = [
+            claim(self.name, m, self.reference, [c for c in comps if c.metric == m])
+            for m in self.metrics
+        ]
+        return Section(
+            self.name, self.title, self.claim, verdict_sentence(comps), blocks, claims=claims
+        )
