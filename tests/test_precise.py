@@ -4,6 +4,7 @@ the concatenated data (float64), re-batching invariance, and restoration on fail
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -82,7 +83,7 @@ def make_model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3),  # 0
-        BatchNorm(4, 4),  # 1
+        BatchNorm(4, num_dims=4),  # 1
         nn.ReLU(),  # 2
         nn.Conv2d(4, 3, 3),  # 3
         nn.BatchNorm2d(3),  # 4
@@ -273,3 +274,57 @@ def test_precise_bn_bad_input() -> None:
     lazy = nn.Sequential(nn.Linear(2, 2), BatchNorm())
     with pytest.raises(ValueError, match=r"Run one forward pass"):
         precise_bn(lazy, [torch.randn(4, 2)])
+
+
+# ---- traps a new user falls into ----------------------------------------------------------
+
+
+def _dropout_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), BatchNorm(3)).double()
+
+
+def test_dropout_left_in_training_mode_warns_and_changes_the_statistics() -> None:
+    x = torch.randn(400, 4, dtype=torch.float64)
+    model = _dropout_net().train()
+    with pytest.warns(RuntimeWarning, match=r"1 \(Dropout\) is in training mode.*model\.eval\(\)"):
+        precise_bn(model, x.split(100))
+    noisy = model[2].running_var.clone()
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about now
+        precise_bn(model, x.split(100))
+    want = direct_stats(model[0](x).detach())[1]
+    torch.testing.assert_close(model[2].running_var, want, rtol=1e-12, atol=0)
+    assert bool((noisy > 1.5 * want).all())  # dropout's scaling by 1/(1-p) inflated it
+
+
+def test_other_training_dependent_modules_are_named() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 1),
+        nn.InstanceNorm2d(2, track_running_stats=True),
+        nn.RReLU(),
+        nn.BatchNorm2d(2),
+        nn.InstanceNorm2d(2),  # no running statistics: same in both modes
+    )
+    with pytest.warns(RuntimeWarning, match=r"1 \(InstanceNorm2d\), 2 \(RReLU\) are in training"):
+        precise_bn(model, [torch.randn(4, 1, 3, 3)])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_batch_is_refused_by_index_and_nothing_changes(mode: str, bad: float) -> None:
+    model = make_model()
+    state = copy.deepcopy(model.state_dict())
+    batches = split_uneven(data(), [16, 16, 13])
+    batches[2] = batches[2].clone()
+    batches[2][3, 1, 2, 2] = bad
+    with pytest.raises(ValueError, match=r"batch 2 gives 1 \(BatchNorm\) non-finite statistics"):
+        precise_bn(model, batches, mode=mode)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_a_process_group_needs_torch_distributed() -> None:
+    with pytest.raises(ValueError, match=r"process_group: given, but torch\.distributed is not"):
+        precise_bn(make_model(), [data()], process_group=object())

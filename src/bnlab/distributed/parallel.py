@@ -16,6 +16,7 @@ A loop uses a plan (``plan = current_plan()``; :class:`SingleProcess` when not d
 where every method is the identity):
 
     net = plan.wrap(model)                    # SyncBatchNorm + DDP; eval and save use `model`
+    plan.sync_running_stats(model)            # before evaluating or saving (per-process BN)
     idx = plan.shard(perm[a:b])               # this process's part of the global batch
     loss = plan.loss_fn(net(x[idx]), y[idx])  # scaled as above
     loss, acc = plan.reduce_epoch(loss, acc)  # epoch metrics of the whole batch, every process
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bnlab.distributed.stats import sync_running_stats
 from bnlab.nn.sync import ProcessGroup, convert_sync_batchnorm
 
 T = TypeVar("T")
@@ -88,6 +90,9 @@ class SingleProcess:
     def evaluate(self, evaluate: EvaluateFn, model: nn.Module, x: Tensor, y: Tensor) -> float:
         return evaluate(model, x, y)
 
+    def sync_running_stats(self, model: nn.Module) -> None:
+        """Make the running statistics the same on every process (per-process BN only)."""
+
     def agree(self, value: T) -> T:
         """Rank 0's ``value`` on every process (e.g. a run directory name)."""
         return value
@@ -97,7 +102,9 @@ class DataParallel(SingleProcess):
     """The plan of one process among ``world_size`` (see the module docstring).
 
     ``loss`` must accept ``reduction="sum"`` (as ``F.cross_entropy``); ``device`` is where the
-    model lives (its index picks the GPU for DDP).
+    model lives (its index picks the GPU for DDP). ``sync_bn=False`` keeps the model's BNs
+    per-process (each normalizes with its own part of the batch, as plain DDP) and
+    :meth:`sync_running_stats` then combines their running statistics.
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class DataParallel(SingleProcess):
         *,
         loss: LossFn = F.cross_entropy,
         process_group: ProcessGroup = None,
+        sync_bn: bool = True,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -119,14 +127,18 @@ class DataParallel(SingleProcess):
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
         self.is_main = self.rank == 0
+        self.sync_bn = sync_bn
         self._batch_size: int | None = None
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Turn the model's batch norms into :class:`~bnlab.nn.SyncBatchNorm` (in place) and
-        return it inside DistributedDataParallel. Train through the returned module; evaluate
-        and save ``model`` itself (its state dict has no ``module.`` prefix and loads into a
-        single-process model). Running statistics are identical on every process by
-        construction, so DDP does not broadcast buffers."""
+        """Turn the model's batch norms into :class:`~bnlab.nn.SyncBatchNorm` (in place; not
+        with ``sync_bn=False``) and return it inside DistributedDataParallel. Train through the
+        returned module; evaluate and save ``model`` itself (its state dict has no ``module.``
+        prefix and loads into a single-process model). DDP does not broadcast buffers: with
+        SyncBatchNorm the running statistics are identical on every process by construction,
+        with per-process BN :meth:`sync_running_stats` makes them so."""
+        if not self.sync_bn:
+            return ddp(model, self.device, process_group=self.group)
         synced = convert_sync_batchnorm(model, self.group)
         if synced is not model:
             raise TypeError(
@@ -174,6 +186,13 @@ class DataParallel(SingleProcess):
         (total_correct,) = self._sum([float(correct)])
         return total_correct / max(x.shape[0], 1)
 
+    def sync_running_stats(self, model: nn.Module) -> None:
+        """With per-process BN, give every process the combined running statistics
+        (:func:`bnlab.distributed.sync_running_stats`); a loop calls it before every evaluation
+        and checkpoint. With SyncBatchNorm they are identical already: nothing to do."""
+        if not self.sync_bn:
+            sync_running_stats(model, self.group)
+
     def agree(self, value: T) -> T:
         box: list[Any] = [value]
         dist.broadcast_object_list(
@@ -183,12 +202,12 @@ class DataParallel(SingleProcess):
 
 
 def current_plan(
-    device: torch.device | str = "cpu", *, loss: LossFn = F.cross_entropy
+    device: torch.device | str = "cpu", *, loss: LossFn = F.cross_entropy, sync_bn: bool = True
 ) -> SingleProcess:
-    """:class:`DataParallel` inside an initialized process group of more than one process,
-    else :class:`SingleProcess`."""
+    """:class:`DataParallel` (with ``sync_bn``) inside an initialized process group of more than
+    one process, else :class:`SingleProcess`."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return DataParallel(device, loss=loss)
+        return DataParallel(device, loss=loss, sync_bn=sync_bn)
     return SingleProcess(loss)
 
 

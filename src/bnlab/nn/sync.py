@@ -40,7 +40,12 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from bnlab.functional.batch_norm import get_convention, running_update
+from bnlab.functional.batch_norm import (
+    DEFAULT_MOMENTUM,
+    MomentumArg,
+    get_convention,
+    running_update,
+)
 from bnlab.functional.checks import check_dtype_device, check_enough_values
 from bnlab.functional.core import (
     accumulation_dtype,
@@ -147,18 +152,32 @@ class SyncBatchNorm(BatchNorm):
     def __init__(
         self,
         num_features: int,
-        num_dims: int | None = None,
-        *,
+        eps: float = 1e-5,
+        momentum: MomentumArg = DEFAULT_MOMENTUM,
+        affine: bool = True,
+        track_running_stats: bool = True,
         process_group: ProcessGroup = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
+        # torch.nn.SyncBatchNorm's positional order; the keyword options are BatchNorm's
         if num_features is None:
             raise ValueError(
                 "num_features: SyncBatchNorm needs the channel count C, got None. Pass "
                 "SyncBatchNorm(C), or run one forward pass through a lazy BatchNorm() and then "
                 "convert the model with convert_sync_batchnorm(model)."
             )
-        super().__init__(num_features, num_dims, **kwargs)
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
         self.process_group = process_group
 
     def _sync_group(self) -> ProcessGroup | None:
@@ -221,13 +240,11 @@ def _take_state(new: nn.Module, old: nn.Module) -> nn.Module:
 
 
 def _bnlab_options(module: BatchNorm) -> dict[str, Any]:
-    """Every keyword option of ``BatchNorm.__init__`` that ``module`` stores under its own name
-    (eps, momentum, convention, axis, ...), so a conversion keeps all of them."""
-    names = [
-        p.name
-        for p in inspect.signature(BatchNorm.__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("device", "dtype")
-    ]
+    """Every option of ``BatchNorm.__init__`` that ``module`` stores under its own name (eps,
+    momentum, convention, axis, ...), so a conversion keeps all of them. ``affine`` and
+    ``bias`` are left out: ``scale`` and ``center`` say which of γ and β exist."""
+    skip = ("self", "num_features", "device", "dtype", "affine", "bias")
+    names = [p for p in inspect.signature(BatchNorm.__init__).parameters if p not in skip]
     return {name: getattr(module, name) for name in names if hasattr(module, name)}
 
 
@@ -256,6 +273,9 @@ _TORCH_PLAIN = (
     nn.LazyBatchNorm3d,
     nn.SyncBatchNorm,
 )
+#: the batch norms that compute exactly BN (bnlab's and torch's plain classes, lazy and
+#: synchronized forms included); a subclass may compute something else
+PLAIN_BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (*_BNLAB_PLAIN, *_TORCH_PLAIN)
 
 
 def _to_sync(module: nn.Module, process_group: ProcessGroup) -> nn.Module | None:
@@ -280,7 +300,6 @@ def _to_sync(module: nn.Module, process_group: ProcessGroup) -> nn.Module | None
         return _take_state(
             SyncBatchNorm(
                 module.num_features,
-                module.num_dims,
                 process_group=process_group,
                 device="meta",  # placeholders only: the original tensors are moved in
                 **_bnlab_options(module),
@@ -296,7 +315,7 @@ def _to_sync(module: nn.Module, process_group: ProcessGroup) -> nn.Module | None
         return _take_state(
             SyncBatchNorm(
                 module.num_features,
-                _torch_num_dims(module),
+                num_dims=_torch_num_dims(module),
                 eps=module.eps,
                 momentum=module.momentum,
                 scale=module.weight is not None,
@@ -315,7 +334,7 @@ def _to_local(module: nn.Module) -> nn.Module | None:
     if not isinstance(module, SyncBatchNorm):
         return None
     return _take_state(
-        BatchNorm(module.num_features, module.num_dims, device="meta", **_bnlab_options(module)),
+        BatchNorm(module.num_features, device="meta", **_bnlab_options(module)),
         module,
     )
 
@@ -359,6 +378,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
 
 __all__ = [
+    "PLAIN_BATCH_NORM_TYPES",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",

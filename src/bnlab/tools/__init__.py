@@ -5,9 +5,11 @@ Transforms that replace or rewrite modules (:func:`fold_bn`, :func:`remove_bias_
 :func:`freeze_bn`, :func:`unfreeze_bn`, :func:`convert_norm`) return a deep copy by default and
 leave their input untouched (``inplace=True`` changes it). :func:`precise_bn` and
 :func:`fix_affine` only write values into existing tensors, like ``model.train()`` or
-``requires_grad_()``, so they act in place and return the same model.
+``requires_grad_()``, so they act in place and return the same model; :func:`accumulate_bn` is a
+context manager that changes how training updates the running statistics inside its block.
 """
 
+from bnlab.tools.accumulate import accumulate_bn
 from bnlab.tools.adjacency import FoldPlan, find_foldable
 from bnlab.tools.bias import remove_bias_before_bn
 from bnlab.tools.convert import convert_norm
@@ -20,6 +22,7 @@ __all__ = [
     "FoldPlan",
     "FrozenBatchNorm",
     "PopulationStatistics",
+    "accumulate_bn",
     "convert_norm",
     "find_foldable",
     "fix_affine",

@@ -6,14 +6,17 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from bnlab.nn import BatchNorm
+from bnlab.functional.core import moments
+from bnlab.nn import BatchNorm, SyncBatchNorm
+from bnlab.nn.sync import PLAIN_BATCH_NORM_TYPES, ProcessGroup
 from bnlab.tools.frozen import FrozenBatchNorm
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -26,6 +29,12 @@ def is_batch_norm(module: nn.Module) -> bool:
     """True for :class:`bnlab.nn.BatchNorm` and ``torch.nn.BatchNorm1d/2d/3d`` (and subclasses):
     the trainable BNs that precise_bn, freeze_bn and convert_norm act on."""
     return isinstance(module, BN_TYPES)
+
+
+def is_plain_batch_norm(module: nn.Module) -> bool:
+    """Exactly a BN class (bnlab's or torch's, lazy and synchronized forms included), not a
+    subclass that may compute something else (batch renorm, ghost BN)."""
+    return type(module) in PLAIN_BATCH_NORM_TYPES
 
 
 def is_foldable_norm(module: nn.Module) -> bool:
@@ -94,6 +103,50 @@ def check_materialized(module: nn.Module, name: str) -> None:
 def find_batch_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every BN module with its qualified name ("" for the model itself), each object once."""
     return [(name, m) for name, m in model.named_modules() if is_batch_norm(m)]
+
+
+def bn_call_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    """The input and the mask of a BN call seen by a forward hook: ``bn(x)``, ``bn(x, mask)``,
+    ``bn(input=x, mask=m)``."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected the BN's input to be a tensor, got {type(x).__name__}.")
+    return x, mask if isinstance(mask, Tensor) else None
+
+
+def input_moments(x: Tensor, mask: Tensor | None, axis: int) -> tuple[Tensor, Tensor, int]:
+    """Per-channel mean, biased variance and count of a BN input (channels on ``axis``) in the
+    statistics dtype, over the values ``mask`` marks valid (all when None); zeros for a count
+    of 0."""
+    x = x.detach()
+    dtype = stat_dtype(x.device)
+    if mask is not None:  # (M, C): the valid values, channels last
+        x = x.movedim(axis, -1)[mask.to(device=x.device, dtype=torch.bool)]
+        axis = 1
+    num_channels = x.shape[axis]
+    n = x.numel() // max(num_channels, 1)
+    if n == 0:
+        zeros = torch.zeros(num_channels, dtype=dtype, device=x.device)
+        return zeros, zeros.clone(), 0
+    mean, var = moments(x.to(dtype), [d for d in range(x.ndim) if d != axis])
+    return mean, var, n
+
+
+def sync_group(bn: nn.Module) -> ProcessGroup | None:
+    """The process group over which ``bn`` computes its batch statistics now (a synchronized BN
+    in training, in a group of several processes), else None."""
+    if isinstance(bn, SyncBatchNorm):
+        return bn._sync_group()
+    if not (
+        isinstance(bn, nn.SyncBatchNorm)
+        and bn.training
+        and dist.is_available()
+        and dist.is_initialized()
+    ):
+        return None
+    group = dist.group.WORLD if bn.process_group is None else bn.process_group
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def stat_dtype(device: torch.device) -> torch.dtype:
@@ -186,6 +239,7 @@ __all__ = [
     "BN_TYPES",
     "BNState",
     "bn_axis",
+    "bn_call_input",
     "bn_state",
     "check_all_materialized",
     "check_inplace",
@@ -193,10 +247,13 @@ __all__ = [
     "check_module",
     "find_batch_norms",
     "has_running_stats",
+    "input_moments",
     "is_batch_norm",
     "is_foldable_norm",
+    "is_plain_batch_norm",
     "replace_modules",
     "stat_dtype",
+    "sync_group",
     "tensor_attr",
     "uses_batch_statistics",
     "working_copy",

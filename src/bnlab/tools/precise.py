@@ -13,7 +13,14 @@ E[x²] − E[x]² cancellation:
     n = n_a + n_b,   δ = m_b − m_a,   m = m_a + δ · n_b / n,
     M2 = M2_a + v_b · n_b + δ² · n_a · n_b / n,           var = M2 / n  (or M2 / (n − 1))
 
-in float64 (float32 on MPS).
+in float64 (float32 on MPS). Under ``torch.distributed`` each process measures its own share of
+the data and the per-process (n, mean, M2) are merged the same way (one all-reduce per BN), so
+every process ends with the statistics of the union of their data.
+
+A batch that gives a BN non-finite statistics (NaN or Inf in its input) is refused with its
+index, and every running statistic is restored; modules other than BN that behave differently in
+training (dropout, RReLU, norms with running statistics) left in training mode get a warning,
+since they change what the BNs see.
 """
 
 from __future__ import annotations
@@ -23,20 +30,24 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnlab.functional.batch_norm import channel_axis_index, get_convention
 from bnlab.functional.checks import check_float
-from bnlab.functional.core import moments
 from bnlab.nn import BatchNorm
+from bnlab.nn.sync import ProcessGroup
 from bnlab.tools.common import (
     ModuleT,
     bn_axis,
+    bn_call_input,
     bn_state,
     check_materialized,
     check_module,
     find_batch_norms,
     has_running_stats,
+    input_moments,
+    is_batch_norm,
     stat_dtype,
     tensor_attr,
 )
@@ -70,8 +81,10 @@ class PopulationStatistics:
             raise ValueError(
                 f"n: expected the positive number of values per channel in the batch, got {n!r}."
             )
-        mean_b = mean.detach().to(self.dtype)
-        m2_b = var.detach().to(self.dtype) * n
+        self._add(mean.detach().to(self.dtype), var.detach().to(self.dtype) * n, n)
+
+    def _add(self, mean_b: Tensor, m2_b: Tensor, n: int) -> None:
+        """Merge a part given by its mean, sum of squared deviations M2 and count n >= 1."""
         if self._mean is None or self._m2 is None:
             self.count, self._mean, self._m2 = n, mean_b, m2_b
             return
@@ -102,6 +115,44 @@ class PopulationStatistics:
                 "Give more data."
             )
         return self._m2 / (self.count - 1 if unbiased else self.count)
+
+
+def all_reduce_statistics(
+    stats: PopulationStatistics | None,
+    num_channels: int,
+    group: ProcessGroup,
+    *,
+    batches: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[PopulationStatistics, int]:
+    """The statistics of every process's data merged, and the sum of their ``batches``: the
+    same result, bit for bit, on every process of ``group``, which must all call it.
+
+    One all-reduce (a sum) of a (P, 2C + 2) table in which each process fills its own row with
+    (count, batches, mean, M2); every process then merges the rows in rank order with the
+    count-weighted formula (module docstring), so uneven and empty parts (``stats`` None or
+    without data) are exact. ``device`` is where the statistics live (NCCL needs it)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    dtype = stats.dtype if stats is not None else stat_dtype(torch.device(device))
+    comm = torch.device(device) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    table = torch.zeros(world, 2 + 2 * num_channels, dtype=dtype, device=comm)
+    table[rank, 1] = batches
+    if stats is not None and stats.count > 0:
+        assert stats._mean is not None and stats._m2 is not None
+        if stats._mean.shape != (num_channels,):
+            raise ValueError(
+                f"statistics of shape {tuple(stats._mean.shape)} for {num_channels} channels."
+            )
+        table[rank, 0] = stats.count
+        table[rank, 2 : 2 + num_channels] = stats._mean
+        table[rank, 2 + num_channels :] = stats._m2
+    dist.all_reduce(table, group=group)
+    merged = PopulationStatistics(dtype)
+    for row in table.to(device):
+        count = int(row[0])
+        if count > 0:
+            merged._add(row[2 : 2 + num_channels], row[2 + num_channels :], count)
+    return merged, int(table[:, 1].sum())
 
 
 def _unbiased(bn: nn.Module) -> bool:
@@ -149,6 +200,7 @@ def precise_bn(
     *,
     num_batches: int | None = None,
     mode: Mode = "eval",
+    process_group: ProcessGroup = None,
 ) -> ModuleT:
     """Set every BN's running mean and variance to its input's statistics over ``batches``.
 
@@ -161,7 +213,8 @@ def precise_bn(
             ``torch.nn.BatchNorm*d`` with running statistics; others (and
             :class:`bnlab.tools.FrozenBatchNorm`) are left alone. Only the BNs' mode is
             changed: put the rest in the mode you want first (``model.eval()`` turns dropout
-            off, usually what you want).
+            off, usually what you want; a module that behaves differently in training, such
+            as dropout, left in training mode gets a warning).
         batches: tensors, or tuples/lists whose first element is the input (a DataLoader over
             ``(x, y)``), on the model's device. Uneven batch sizes are exact.
         num_batches: use at most the first ``num_batches`` batches (default: all).
@@ -173,24 +226,33 @@ def precise_bn(
             "train": one pass with the BNs in training mode, so upstream BNs normalize with
             each batch's statistics, as during training (fvcore's precise BN); then the
             statistics of a deep BN depend on the batch size.
+        process_group: when ``torch.distributed`` is initialized, the statistics are merged
+            over every process of this group (default: all), each passing its own share of the
+            data: every process ends with the statistics of the union of their batches (one
+            all-reduce per BN; uneven and empty shares are exact). Every process of the group
+            must call precise_bn with the same model and mode.
 
     The new running variance is unbiased, M2 / (n − 1), as PyTorch stores it (bnlab BNs with a
     biased convention such as "d2l" or "flax" get M2 / n). ``num_batches_tracked`` becomes the
-    number of batches averaged, as if they had been fed with ``momentum=None`` (cumulative
-    average), so continuing that way weights the next batch 1 / (k + 1).
+    number of batches averaged (over all processes), as if they had been fed with
+    ``momentum=None`` (cumulative average), so continuing that way weights the next batch
+    1 / (k + 1).
 
     Raises:
         TypeError: ``model`` is not a module, ``batches`` is not an iterable of batches.
-        ValueError: ``batches`` is empty, ``num_batches`` is not a positive int, a BN is lazy.
+        ValueError: ``batches`` is empty, ``num_batches`` is not a positive int, a BN is lazy, a
+            batch gives a BN non-finite statistics (NaN or Inf; the error names the batch).
+        RuntimeError: another process of the group failed (its error is in the message).
     """
     check_module(model)
     _check_args(batches, num_batches, mode)
+    group = _merge_group(process_group)
     bns = [(name, bn) for name, bn in find_batch_norms(model) if has_running_stats(bn)]
     for name, bn in bns:
         check_materialized(bn, name)
     if not bns:
         return model
-    names = {id(bn): name for name, bn in bns}
+    _warn_training_modules(model)
     flags = [(bn, bn.training) for _, bn in bns]
     buffers = [
         t
@@ -203,106 +265,217 @@ def precise_bn(
         if t is not None
     ]
     snapshot = [t.clone() for t in buffers]
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    run = _Run(model, bns, batches, num_batches, mode, group)
     try:
         with torch.no_grad():
             for bn, _ in flags:
                 bn.train(mode == "train")
-            _run(model, bns, batches, num_batches, mode, handles, names)
+            run.run()
     except BaseException:
         with torch.no_grad():
             for t, saved in zip(buffers, snapshot, strict=True):
                 t.copy_(saved)
         raise
     finally:
-        for handle in handles:
-            handle.remove()
+        run.remove_hooks()
         for bn, was_training in flags:
             bn.train(was_training)
     return model
 
 
-def _run(
-    model: nn.Module,
-    bns: list[tuple[str, nn.Module]],
-    batches: Iterable[Any],
-    num_batches: int | None,
-    mode: Mode,
-    handles: list[torch.utils.hooks.RemovableHandle],
-    names: dict[int, str],
-) -> None:
-    stats: dict[int, PopulationStatistics] = {}
-    order: list[nn.Module] = []  # BNs in the order forward() first calls them
-    measuring: set[int] = set()  # ids of the BNs measured in the current pass
-    first_pass = True
+def _merge_group(process_group: ProcessGroup) -> ProcessGroup | None:
+    """The group to merge statistics over, or None for this process's batches alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError(
+                "process_group: given, but torch.distributed is not initialized. Call "
+                "torch.distributed.init_process_group() (or bnlab.distributed.init_from_env() "
+                "under torchrun) first, or leave process_group out for one process."
+            )
+        return None
+    group = dist.group.WORLD if process_group is None else process_group
+    return group if dist.get_world_size(group) > 1 else None
 
-    def hook(bn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if first_pass and all(b is not bn for b in order):
-            order.append(bn)
-            if mode == "eval" and len(order) == 1:
-                measuring.add(id(bn))  # eval mode, pass 1: only the first BN is exact
-        if id(bn) not in measuring:
+
+def _behaves_differently_in_training(module: nn.Module) -> bool:
+    """Dropout (any kind), RReLU, and norms with running statistics: what ``model.eval()``
+    changes besides the BNs."""
+    if isinstance(module, nn.modules.dropout._DropoutNd | nn.RReLU):
+        return True
+    return bool(getattr(module, "track_running_stats", False)) and has_running_stats(module)
+
+
+def _warn_training_modules(model: nn.Module) -> None:
+    found = [
+        f"{name or 'model'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if m.training and not is_batch_norm(m) and _behaves_differently_in_training(m)
+    ]
+    if found:
+        warnings.warn(
+            f"precise_bn: {', '.join(found)} {'is' if len(found) == 1 else 'are'} in training "
+            "mode and behave(s) differently there (dropout drops values, a norm with running "
+            "statistics uses and updates batch statistics), so the BN statistics measured now "
+            "are not those the prediction network sees. Call model.eval() first; precise_bn "
+            "sets the BNs' own mode itself.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class _Run:
+    """The passes of one precise_bn call: hooks that measure BN inputs, then the merges."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bns: list[tuple[str, nn.Module]],
+        batches: Iterable[Any],
+        num_batches: int | None,
+        mode: Mode,
+        group: ProcessGroup | None,
+    ) -> None:
+        self.model, self.bns, self.batches = model, bns, batches
+        self.num_batches, self.mode, self.group = num_batches, mode, group
+        self.names = {id(bn): name for name, bn in bns}
+        self.stats: dict[int, PopulationStatistics] = {}
+        self.order: list[nn.Module] = []  # BNs in the order forward() first calls them
+        self.measuring: set[int] = set()  # ids of the BNs measured in the current pass
+        self.first_pass = True
+        self.batch_index = 0
+        self.reread = isinstance(batches, Sequence)
+        self.cache: list[Tensor] = []
+        self.handles = [bn.register_forward_pre_hook(self.hook, with_kwargs=True) for _, bn in bns]
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def hook(self, bn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.first_pass and all(b is not bn for b in self.order):
+            self.order.append(bn)
+            if self.mode == "eval" and len(self.order) == 1:
+                self.measuring.add(id(bn))  # eval mode, pass 1: only the first BN is exact
+        if id(bn) not in self.measuring:
             return
-        x = args[0] if args else next(iter(kwargs.values()))  # bn(x) or bn(input=x)
-        axis = channel_axis_index(bn_axis(bn), x.ndim)
-        n = x.numel() // max(x.shape[axis], 1)
+        x, mask = bn_call_input(args, kwargs)
+        mean, var, n = input_moments(x, mask, channel_axis_index(bn_axis(bn), x.ndim))
         if n == 0:
             return
-        mean, var = moments(x, [d for d in range(x.ndim) if d != axis])
-        stats.setdefault(id(bn), PopulationStatistics(stat_dtype(x.device))).update(mean, var, n)
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+            where = "" if self.group is None else f" on rank {dist.get_rank()}"
+            raise ValueError(
+                f"precise_bn: batch {self.batch_index}{where} gives "
+                f"{self.names[id(bn)] or 'model'} ({type(bn).__name__}) non-finite statistics: "
+                "its input has NaN or Inf values. The running statistics were left as they "
+                "were. Leave that batch out (torch.isfinite(x).all() checks the data); if the "
+                "data are finite, the network itself produces them before this layer."
+            )
+        self.stats.setdefault(id(bn), PopulationStatistics(mean.dtype)).update(mean, var, n)
 
-    for _, bn in bns:
-        handles.append(bn.register_forward_pre_hook(hook, with_kwargs=True))
-
-    reread = isinstance(batches, Sequence)
-    cache: list[Tensor] = []
-
-    def one_pass() -> int:
-        source: Iterable[Any] = batches if (first_pass or reread) else cache
+    def one_pass(self) -> int:
+        """Feed the batches once; return how many this process fed."""
+        fresh = self.first_pass or self.reread
+        source: Iterable[Any] = self.batches if fresh else self.cache
         count = 0
         iterator: Iterator[Any] = iter(source)
-        while num_batches is None or count < num_batches:
+        while self.num_batches is None or count < self.num_batches:
             try:
                 batch = next(iterator)
             except StopIteration:
                 break
-            x = _batch_input(batch, count) if (first_pass or reread) else batch
-            if first_pass and not reread and mode == "eval" and len(bns) > 1:
-                cache.append(x)
-            model(x)
+            x = _batch_input(batch, count) if fresh else batch
+            if self.first_pass and not self.reread and self.mode == "eval" and len(self.bns) > 1:
+                self.cache.append(x)
+            self.batch_index = count
+            self.model(x)
             count += 1
-        if count == 0:
-            raise ValueError(
-                "batches: expected at least one batch, got an empty iterable. Pass the training "
-                "data, e.g. a DataLoader or a list of input tensors."
-            )
         return count
 
-    if mode == "train":
-        measuring.update(id(bn) for _, bn in bns)
-        count = one_pass()
-        for bn in order:
-            if id(bn) in stats:
-                _store(bn, stats[id(bn)], count)
-    else:
-        count = one_pass()
-        first_pass = False
-        pending = list(order)
-        while pending:
-            target = pending.pop(0)
-            if id(target) not in stats:  # passes 2, 3, ...: measure the next BN in call order
-                measuring.clear()
-                measuring.add(id(target))
-                one_pass()
-            if id(target) in stats:  # else it saw only empty batches: left as it was
-                _store(target, stats[id(target)], count)
-    missed = [names[id(bn)] for _, bn in bns if all(b is not bn for b in order)]
-    if missed:
-        warnings.warn(
-            f"precise_bn: forward() never called {missed}; their running statistics are unchanged.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    def agreed_pass(self) -> int:
+        """One pass, then (with several processes) agree on its outcome: every process raises
+        when one failed, and all take the same BN order. Returns the batches fed by all."""
+        if self.group is None:
+            count = self.one_pass()
+            if count == 0:
+                raise ValueError(
+                    "batches: expected at least one batch, got an empty iterable. Pass the "
+                    "training data, e.g. a DataLoader or a list of input tensors."
+                )
+            return count
+        error: Exception | None = None
+        count = 0
+        try:
+            count = self.one_pass()
+        except Exception as e:  # reported to the peers below, then raised
+            error = e
+        order = [self.names[id(bn)] for bn in self.order] if self.first_pass else []
+        mine = (f"{type(error).__name__}: {error}" if error else None, count, order)
+        outcomes: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(outcomes, mine, group=self.group)
+        if error is not None:
+            raise error
+        failed = [(rank, e) for rank, (e, _, _) in enumerate(outcomes) if e is not None]
+        if failed:
+            rank, message = failed[0]
+            raise RuntimeError(
+                f"precise_bn: process {rank} of the group failed ({message}); every process "
+                "restored its running statistics."
+            )
+        total = sum(c for _, c, _ in outcomes)
+        if total == 0:
+            raise ValueError(
+                "batches: expected at least one batch on some process, got empty iterables on "
+                "all of them. Pass each process its share of the training data."
+            )
+        if self.first_pass:
+            orders = [o for _, _, o in outcomes if o]
+            if any(o != orders[0] for o in orders):
+                raise RuntimeError(
+                    f"precise_bn: the processes called their BNs in different orders "
+                    f"({orders}); every process must run the same model."
+                )
+            by_name = {name: bn for name, bn in self.bns}
+            self.order = [by_name[name] for name in (orders[0] if orders else [])]
+        return total
+
+    def merged(self, bn: nn.Module) -> PopulationStatistics | None:
+        """``bn``'s statistics over this pass's batches of every process, or None if empty."""
+        local = self.stats.get(id(bn))
+        if self.group is not None:
+            running_mean = bn_state(bn).running_mean
+            assert running_mean is not None  # filtered before
+            local, _ = all_reduce_statistics(
+                local, running_mean.numel(), self.group, device=running_mean.device
+            )
+        return local if local is not None and local.count > 0 else None
+
+    def run(self) -> None:
+        if self.mode == "train":
+            self.measuring.update(id(bn) for _, bn in self.bns)
+            count = self.agreed_pass()
+            for bn in self.order:
+                stats = self.merged(bn)
+                if stats is not None:
+                    _store(bn, stats, count)
+        else:
+            count = self.agreed_pass()  # also measures the first BN
+            self.first_pass = False
+            for i, target in enumerate(self.order):
+                if i > 0:  # passes 2, 3, ...: measure the next BN in call order
+                    self.measuring = {id(target)}
+                    self.agreed_pass()
+                stats = self.merged(target)
+                if stats is not None:  # else it saw only empty batches: left as it was
+                    _store(target, stats, count)
+        missed = [self.names[id(bn)] for _, bn in self.bns if all(b is not bn for b in self.order)]
+        if missed:
+            warnings.warn(
+                f"precise_bn: forward() never called {missed}; their running statistics are "
+                "unchanged.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def _store(bn: nn.Module, stats: PopulationStatistics, count: int) -> None:
@@ -316,4 +489,4 @@ def _store(bn: nn.Module, stats: PopulationStatistics, count: int) -> None:
         tracked.fill_(count)
 
 
-__all__ = ["PopulationStatistics", "precise_bn"]
+__all__ = ["PopulationStatistics", "all_reduce_statistics", "precise_bn"]
