@@ -16,7 +16,7 @@ import torch
 
 from bnlab.cli import main
 from bnlab.train import TrainConfig
-from bnlab.train.loop import KILL_ENV
+from bnlab.train.run import KILL_ENV
 
 QUICK = ["--subset", "640", "--test-subset", "1000", "--epochs", "2", "--batch-size", "64"]
 QUICK += ["--no-progress"]
@@ -82,7 +82,7 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["train", *QUICK, "--epochs", "1", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--lr", "0.1"]) == 2
-    assert "--lr cannot be given with it" in capsys.readouterr().err
+    assert "lr (--lr) cannot change" in capsys.readouterr().err
     assert main(["train", *QUICK, "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--batch-size", "1"]) == 2
@@ -91,6 +91,30 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["train", "--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"checkpoint {out / 'checkpoint.pt'}: cannot be read" in err
+
+
+def test_resume_of_a_complete_run_says_so_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *QUICK, "--epochs", "1", "--out", str(out)]) == 0
+    assert "1 epoch, seed 0" in capsys.readouterr().out
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    assert main(["train", "--resume", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"{out} is complete: 1 epoch of 1, nothing to train" in text
+    assert "--epochs N (more than 1)" in text and "gamma: [" in text
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
+def test_norm_option_values_none_and_true_as_python_spells_them(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    opts = ["--norm-option", "momentum=None", "--norm-option", "affine=True"]
+    assert main(["train", *QUICK, "--epochs", "1", *opts, "--out", str(out)]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert state["1.num_batches_tracked"] > 0 and "1.weight" in state
+    config = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert config.parsed_norm_options() == {"momentum": None, "affine": True}
 
 
 @pytest.fixture(scope="module")

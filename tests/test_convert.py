@@ -151,10 +151,10 @@ def test_rank_of_bnlab_layers_without_num_dims() -> None:
 
 
 def test_scale_only_and_fixed_affine_to_torch() -> None:
-    scale_only = BatchNorm(3, 2, center=False)
+    scale_only = BatchNorm(3, num_dims=2, center=False)
     t = convert_norm(scale_only, "torch")
     assert isinstance(t, nn.BatchNorm1d) and t.weight is not None and t.bias is None
-    fixed = BatchNorm(3, 4, fixed_affine=True)
+    fixed = BatchNorm(3, num_dims=4, fixed_affine=True)
     with torch.no_grad():
         fixed.weight.fill_(0.5)
     t = convert_norm(fixed, "torch")
@@ -164,11 +164,11 @@ def test_scale_only_and_fixed_affine_to_torch() -> None:
 
 def test_what_cannot_convert_exactly_is_refused() -> None:
     cases = [
-        (BatchNorm(3, 2, convention="d2l"), "convention='d2l'"),
-        (BatchNorm(3, 4, axis=-1), "axis=-1"),
-        (BatchNorm(3, 2, scale=False, center=True), "no β without γ"),
-        (BatchNorm(3, 2, use_global_stats=True), "use_global_stats"),
-        (BatchNorm(3, 7), "input rank 7"),
+        (BatchNorm(3, num_dims=2, convention="d2l"), "convention='d2l'"),
+        (BatchNorm(3, num_dims=4, axis=-1), "axis=-1"),
+        (BatchNorm(3, num_dims=2, scale=False, center=True), "no β without γ"),
+        (BatchNorm(3, num_dims=2, use_global_stats=True), "use_global_stats"),
+        (BatchNorm(3, num_dims=7), "input rank 7"),
     ]
     for bn, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -195,7 +195,7 @@ def test_convert_bad_input() -> None:
     with pytest.raises(ValueError, match=r"\['eps'\] are copied from each source layer"):
         convert_norm(nn.BatchNorm1d(2), "bnlab", eps=1e-3)
     with pytest.raises(TypeError, match=r"unexpected options \['impl'\]"):
-        convert_norm(BatchNorm(2, 2), "torch", impl="reference")
+        convert_norm(BatchNorm(2, num_dims=2), "torch", impl="reference")
     with pytest.raises(ValueError, match="input_rank: expected 2, 3, 4 or 5"):
         convert_norm(BatchNorm(2), "torch", input_rank=1)
     with pytest.raises(ValueError, match="Run one forward pass"):
@@ -212,7 +212,7 @@ def test_to_batch_like_registry_norms_keeps_prediction(target: str) -> None:
         nn.BatchNorm2d(3, eps=1e-3),
         nn.Flatten(),
         nn.Linear(12, 4),
-        BatchNorm(4, 2),
+        BatchNorm(4, num_dims=2),
     ).double()
     for _ in range(2):
         model(torch.randn(5, 1, 2, 2, dtype=torch.float64))

@@ -340,6 +340,7 @@ def test_download_falls_back_to_mirror_and_verifies_md5(
     spec = replace(tiny.spec, mirrors=(server.url("bad"), server.url("good")))
     monkeypatch.setattr(fm, "FASHION_MNIST_SPEC", spec)
     d = tmp_path / "new" / "dir"
+    d.mkdir(parents=True)
     ds = load_fashion_mnist(d, progress=False)
     assert_matches(ds, tiny)
     assert ds.official and ds.source == d
@@ -359,6 +360,7 @@ def test_download_fails_when_no_mirror_has_the_right_bytes(
     spec = replace(tiny.spec, mirrors=(server.url("bad"), server.url("bad")))
     monkeypatch.setattr(fm, "FASHION_MNIST_SPEC", spec)
     d = tmp_path / "dl"
+    d.mkdir()
     with pytest.raises(DataError) as err:
         load_fashion_mnist(d, progress=False)
     msg = str(err.value)
@@ -387,6 +389,7 @@ def test_offline_without_a_copy_gives_one_clear_message(
     spec = replace(tiny.spec, mirrors=(closed_port_url(), closed_port_url()))
     monkeypatch.setattr(fm, "FASHION_MNIST_SPEC", spec)
     d = tmp_path / "offline"
+    d.mkdir()
     with pytest.raises(DataError) as err:
         load_fashion_mnist(d, progress=False)
     msg = str(err.value)
@@ -394,6 +397,24 @@ def test_offline_without_a_copy_gives_one_clear_message(
     assert all(n in msg for n in NAMES) and "ConnectionError" in msg
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained traceback
     assert "\n" not in msg and len(msg) < 1000
+
+
+@pytest.mark.parametrize("how", ["argument", "env"])
+def test_a_data_dir_that_is_not_there_is_refused_not_made(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    typo = tmp_path / "fashion-mnsit"
+    if how == "env":
+        monkeypatch.setenv(DATA_DIR_ENV, str(typo))
+    with pytest.raises(DataError, match=r"does not exist") as err:
+        load_fashion_mnist(typo if how == "argument" else None, progress=False)
+    assert not typo.exists()
+    msg = str(err.value)
+    assert str(typo) in msg and "\n" not in msg
+    assert ("mkdir -p" in msg) == (how == "argument")
+    typo.write_text("")
+    with pytest.raises(DataError, match=r"is a file, not a directory"):
+        load_fashion_mnist(typo if how == "argument" else None, progress=False)
 
 
 def test_cache_dir_is_the_default_download_target(
@@ -433,6 +454,7 @@ def test_progress_flag(
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
     pooch.get_logger().addHandler(handler)
+    (tmp_path / "dl").mkdir()
     try:
         load_fashion_mnist(tmp_path / "dl", progress=progress)
     finally:

@@ -16,7 +16,7 @@ from bnlab.tools import FrozenBatchNorm, fix_affine, freeze_bn, unfreeze_bn
 def make_model(norm: str) -> nn.Sequential:
     """A small conv + dense net, BNs with trained-looking statistics, in training mode."""
     torch.manual_seed(0)
-    bn2d = BatchNorm(4, 4) if norm == "bnlab" else nn.BatchNorm2d(4)
+    bn2d = BatchNorm(4, num_dims=4) if norm == "bnlab" else nn.BatchNorm2d(4)
     bn1d = BatchNorm(6) if norm == "bnlab" else nn.BatchNorm1d(6)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3), bn2d, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 6), bn1d

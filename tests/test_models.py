@@ -159,25 +159,38 @@ def test_norm_factory_plugs_in_other_norms() -> None:
     assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
 
 
-def test_other_names_come_from_make_norm(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple] = []
-
-    def make_norm(name: str, num_features: int, *, kind: str, **opts: object) -> nn.Module:
-        seen.append((name, num_features, kind, opts))
-        return nn.Identity()
-
-    monkeypatch.setattr(bnlab.nn, "make_norm", make_norm, raising=False)
+def test_other_names_come_from_make_norm() -> None:
     net = lenet("layer", norm_options={"eps": 0.01})
-    assert len(net.norm_layers()) == 4
-    assert seen[-4:] == [
-        ("layer", 6, "conv", {"eps": 0.01}),
-        ("layer", 16, "conv", {"eps": 0.01}),
-        ("layer", 120, "dense", {"eps": 0.01}),
-        ("layer", 84, "dense", {"eps": 0.01}),
-    ]
-    monkeypatch.delattr(bnlab.nn, "make_norm")
-    with pytest.raises(ValueError, match=r"bnlab.*torch.*none.*'layer'"):
-        lenet("layer")
+    assert [type(m) for m in net.norm_layers()] == [bnlab.nn.LayerNorm] * 4
+    assert all(m.eps == 0.01 for m in net.norm_layers())
+
+
+def test_bnlab_is_the_registrys_batch_with_the_input_rank() -> None:
+    """The names bnlab and batch are one path through the registry: the same layers, each
+    checking the rank of the input it sees (4 after a conv, 2 after a dense layer)."""
+    torch.manual_seed(0)
+    a = lenet("bnlab")
+    torch.manual_seed(0)
+    b = lenet("batch")
+    assert [type(m) for m in a.norm_layers()] == [bnlab.nn.BatchNorm] * 4
+    assert [m.num_dims for m in a.norm_layers()] == [4, 4, 2, 2]
+    assert [m.num_dims for m in b.norm_layers()] == [4, 4, 2, 2]
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(ValueError, match="rank"):
+        a[1](torch.rand(4, 6, 24))  # a 3-D input to the conv block's BN
+
+
+def test_unknown_norm_lists_every_accepted_name() -> None:
+    with pytest.raises(ValueError, match="Did you mean 'batch'") as info:
+        lenet("btach")
+    names = {"bnlab", "torch", "none", *bnlab.nn.NORMS}
+    assert all(repr(n) in str(info.value) for n in names)
+
+
+def test_misspelt_norm_option_lists_the_accepted_ones() -> None:
+    with pytest.raises(TypeError, match=r"norm='bnlab'.*\['momentu'\].*accepts:.*momentum"):
+        lenet("bnlab", norm_options={"momentu": 0.9})
 
 
 def test_the_norm_registry_by_name() -> None:

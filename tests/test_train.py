@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from bnlab._io import atomic_write, atomic_write_text
 from bnlab.models import init_weights, lenet
 from bnlab.train import (
     CheckpointError,
@@ -26,9 +28,9 @@ from bnlab.train import (
     train,
     train_epoch,
 )
-from bnlab.train.checkpoint import atomic_write, atomic_write_text
 from bnlab.train.config import add_config_arguments, config_overrides
 from bnlab.train.loop import batch_bounds
+from bnlab.train.plot import history_figure
 
 
 def synthetic(n_train: int = 300, n_test: int = 100, seed: int = 0) -> SimpleNamespace:
@@ -199,7 +201,7 @@ def test_resume_extends_a_finished_run_to_the_uninterrupted_history(tmp_path: Pa
 def test_resume_refuses_config_changes_and_unknown_dirs(tmp_path: Path) -> None:
     data = synthetic()
     part = train(config(tmp_path, epochs=1), data, progress=False)
-    with pytest.raises(ConfigError, match=r"\['lr'\] cannot change"):
+    with pytest.raises(ConfigError, match=r"lr \(--lr\) cannot change"):
         resume(part.run.path, data, lr=0.1)
     with pytest.raises(ConfigError, match="not a run directory"):
         resume(tmp_path / "nothing", data)
@@ -239,6 +241,78 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
 
 
+class TinyNet(nn.Sequential):
+    """A model of one's own: not a LeNet, with a torch BN and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Flatten(), nn.Linear(784, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1),
+            nn.Linear(32, 10),
+        )  # fmt: skip
+
+
+def test_train_any_model_with_the_same_run_directory_and_exact_resume(tmp_path: Path) -> None:
+    data = synthetic()
+    torch.manual_seed(5)
+    full_model = TinyNet()
+    torch.manual_seed(5)
+    part_model = TinyNet()
+    full = train(config(tmp_path, "full", epochs=3), data, model=full_model, progress=False)
+    assert full.model is full_model  # trained in place
+    names = {p.name for p in full.run.path.iterdir()}
+    assert names == {"config.json", "metrics.csv", "metrics.json", "curves.png", "checkpoint.pt"}
+    saved = json.loads(full.run.config.read_text())
+    assert saved["model"] == f"{__name__}.TinyNet"
+    assert len(full.history) == 3 and full.history[-1].test_acc > 0.5
+
+    part = train(config(tmp_path, "part", epochs=1), data, model=part_model, progress=False)
+    with pytest.raises(ConfigError, match=r"trained a .*TinyNet; pass a fresh one"):
+        resume(part.run.path, data)  # the built-in LeNet cannot stand in for it
+    with pytest.raises(ConfigError, match=r"got a torch.nn.modules.container.Sequential"):
+        resume(part.run.path, data, model=nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+    resumed = resume(part.run.path, data, model=TinyNet(), progress=False, epochs=3)
+    assert [h.scores() for h in resumed.history] == [h.scores() for h in full.history]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_a_model_of_ones_own_refuses_lenet_options(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"norm \(--norm\), dropout \(--dropout\): these"):
+        train(config(tmp_path, norm="torch", dropout=0.2), synthetic(), model=TinyNet())
+    with pytest.raises(TypeError, match=r"model: expected a torch\.nn\.Module"):
+        train(config(tmp_path), synthetic(), model=lenet)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="leave model out"):
+        part = train(config(tmp_path, epochs=1), synthetic(), progress=False)
+        resume(part.run.path, synthetic(), model=TinyNet())
+    assert not (tmp_path / "other").exists()
+
+
+def test_resuming_a_complete_run_writes_nothing(tmp_path: Path) -> None:
+    data = synthetic()
+    done = train(config(tmp_path, epochs=2), data, progress=False)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in done.run.path.iterdir()}
+    again = resume(done.run.path, progress=False)  # no data needed: nothing to train
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in done.run.path.iterdir()}
+    assert after == before
+    assert [h.scores() for h in again.history] == [h.scores() for h in done.history]
+    for k, v in done.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+
+
+def test_a_configuration_that_cannot_train_writes_nothing(tmp_path: Path) -> None:
+    """A bad layer option, or a model that does not fit the data (found only when it runs: the
+    run directory comes after the first optimizer step) leaves no config.json to block the
+    same --out."""
+    cfg = config(tmp_path, norm_options=("impl=typo",))
+    with pytest.raises(ConfigError, match=r"impl: expected one of .*, got 'typo'"):
+        train(cfg, synthetic(), progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"first training step failed.*mat1 and mat2"):
+        train(config(tmp_path), synthetic(), model=nn.Linear(3, 10), progress=False)
+    assert not (tmp_path / "run").exists()
+    assert len(train(config(tmp_path, epochs=1), synthetic(), progress=False).history) == 1
+
+
 # --- config
 
 
@@ -247,6 +321,15 @@ def test_config_round_trip_and_validation() -> None:
     assert cfg.lr == 2.0 and isinstance(cfg.lr, float)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.parsed_norm_options() == {"momentum": 0.9, "convention": "d2l"}
+    values = ("momentum=None", "momentum=null", "affine=False", "affine=true", "eps=1e-3")
+    parsed = [TrainConfig(norm_options=(v,)).parsed_norm_options() for v in values]
+    assert parsed == [
+        {"momentum": None},
+        {"momentum": None},
+        {"affine": False},
+        {"affine": True},
+        {"eps": 0.001},
+    ]
     for bad, match in (
         ({"batch_size": 1}, "batch_size: expected an int >= 2"),
         ({"epochs": 0}, "epochs"),
@@ -269,7 +352,7 @@ def test_cli_options_are_generated_from_the_fields() -> None:
     help_text = parser.format_help()
     for f in dataclasses.fields(TrainConfig):
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        assert flag in help_text, flag
+        assert (flag in help_text) == f.metadata["cli"], flag  # model= is Python only
     args = parser.parse_args(
         ["--lr", "0.5", "--no-bias-before-norm", "--norm-option", "eps=0.001", "--norm-option",
          "convention=d2l", "--norm-position", "after", "--subset", "100"]
@@ -286,3 +369,16 @@ def test_cli_options_are_generated_from_the_fields() -> None:
     assert cfg.epochs == TrainConfig().epochs
     with pytest.raises(SystemExit):
         parser.parse_args(["--pool", "min"])
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 10, 40])
+def test_curves_have_ticks_only_at_whole_epochs(epochs: int) -> None:
+    rows = [
+        {"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "test_acc": 0.4}
+        for e in range(1, epochs + 1)
+    ]
+    (ax,) = history_figure(rows).axes
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    assert ticks and all(float(t).is_integer() and 1 <= t <= epochs for t in ticks)
+    assert (low, high) == (0.5, epochs + 0.5)

@@ -9,10 +9,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--results",
         default="results/full",
+        metavar="DIR",
         help="results directory written by `bnlab reproduce` (default: results/full)",
     )
     parser.add_argument(
-        "--out", default=None, help="report directory (default: report/<scale of the results>)"
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="report directory (default: report/<scale of the results>)",
     )
 
 

@@ -44,20 +44,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--results",
         default=None,
+        metavar="DIR",
         help="results cache directory (default: results/full or results/quick)",
     )
     parser.add_argument(
-        "--report", default=None, help="report directory (default: report/full or report/quick)"
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="report directory (default: report/full or report/quick)",
     )
     parser.add_argument("--no-report", action="store_true", help="only run, do not render")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="Fashion-MNIST directory (default: $BNLAB_DATA_DIR, else the per-user cache; "
+        "downloaded when missing)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from bnlab.data import DataError
+    from bnlab.data import DATA_DIR_ENV, DataError
     from bnlab.lab import build_report, make_scale, reproduce
 
     scale = make_scale(args.quick, args.seeds, args.epochs)
     results = args.results or f"results/{scale.name}"
+    if args.data_dir is not None:
+        # the runs load the dataset in worker processes, which inherit the environment
+        os.environ[DATA_DIR_ENV] = args.data_dir
     try:
         manifest = reproduce(scale, results, only=args.only, jobs=args.jobs)
     except (DataError, ValueError) as e:
@@ -68,6 +82,6 @@ def run(args: argparse.Namespace) -> int:
         "this time; cached runs cost nothing)."
     )
     if not args.no_report:
-        md, html = build_report(results, args.report or f"report/{scale.name}")
+        md, html = build_report(results, args.out or f"report/{scale.name}")
         print(f"report: {html}\n        {md}")
     return 0

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 from torch import Tensor
 
 from bnlab.distributed.cli import add_arguments as add_distributed_arguments
 from bnlab.distributed.cli import run_distributed
-from bnlab.train.checkpoint import CheckpointError, load_checkpoint
+from bnlab.models import LeNet
+from bnlab.train.checkpoint import CheckpointError
 from bnlab.train.config import (
     ConfigError,
     TrainConfig,
@@ -31,15 +31,9 @@ from bnlab.train.config import (
     config_overrides,
     flag_of,
 )
-from bnlab.train.loop import (
-    RESUME_OVERRIDES,
-    EpochStats,
-    TrainResult,
-    resolve_device,
-    resume,
-    train,
-)
-from bnlab.train.rundir import RunDir, default_out
+from bnlab.train.loop import EpochStats, TrainResult, resolve_device
+from bnlab.train.run import RESUME_OVERRIDES, resume, saved_history, train
+from bnlab.train.rundir import default_out, read_config
 
 HEADER = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test acc':>8}  {'time':>7}  " + (
     f"{'examples/s':>10}"
@@ -86,12 +80,18 @@ class _Table:
         print(_row(stats), flush=True)
 
 
+def plural(n: int, noun: str) -> str:
+    """``plural(1, "epoch")`` -> "1 epoch", ``plural(10, "epoch")`` -> "10 epochs"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _fmt(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
 def _print_summary(result: TrainResult) -> None:
     model = result.model
+    assert isinstance(model, LeNet)  # the command line trains the built-in LeNet only
     if not model.norm_indices:
         print(f"\nno norm layer (norm={result.config.norm!r}): no gamma and beta to show")
     else:
@@ -116,7 +116,7 @@ def _print_summary(result: TrainResult) -> None:
 def _describe(config: TrainConfig, where: str) -> str:
     return (
         f"BN-LeNet norm={config.norm} on {where}: lr {config.lr}, batch {config.batch_size}, "
-        f"{config.epochs} epochs, seed {config.seed}"
+        f"{plural(config.epochs, 'epoch')}, seed {config.seed}"
         + (f", first {config.subset} training images" if config.subset else "")
         + (f", first {config.test_subset} test images" if config.test_subset else "")
     )
@@ -133,20 +133,17 @@ def _start(args: argparse.Namespace) -> TrainResult:
         print(f"run directory: {config.out}\n", flush=True)
         return train(config, progress=args.progress, on_epoch=_Table())
 
-    bad = sorted(set(overrides) - set(RESUME_OVERRIDES))
-    if bad:
-        raise ConfigError(
-            f"--resume continues a run with its saved config; {', '.join(map(flag_of, bad))} "
-            f"cannot be given with it (only {', '.join(map(flag_of, RESUME_OVERRIDES))}). "
-            "Start a new run for a different configuration."
+    run, config = read_config(args.resume)
+    done = saved_history(run)
+    epochs = overrides.get("epochs", config.epochs)
+    if len(done) >= epochs:  # resume returns it as it is, writing nothing
+        print(
+            f"{run.path} is complete: {plural(len(done), 'epoch')} of {epochs}, nothing to "
+            f"train. Pass --epochs N (more than {len(done)}) to train it longer.\n"
         )
-    run = RunDir(Path(args.resume))
-    done: list[EpochStats] = []
-    if run.checkpoint.exists():
-        state = load_checkpoint(run.checkpoint)
-        done = [EpochStats.from_dict(row) for row in state["history"]]
-    print(f"resuming {run.path} after epoch {len(done)}\n")
-    return resume(args.resume, progress=args.progress, on_epoch=_Table(done), **overrides)
+    else:
+        print(f"resuming {run.path} after epoch {len(done)} of {epochs}\n")
+    return resume(run.path, progress=args.progress, on_epoch=_Table(done), **overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,9 @@ ones where that makes sense, checks every file and returns one :class:`FashionMN
 
 Where it looks, first match wins:
 
-    1. ``data_dir`` argument           download missing files into it (``download=True``)
+    1. ``data_dir`` argument           an existing directory: missing files are downloaded into it
+                                       (``download=True``); a path that is not there is refused
+                                       (a typo should not become an empty folder)
     2. ``$BNLAB_DATA_DIR``              a copy you manage: never downloads, never writes
     3. ``user_cache_dir("bnlab")/fashion-mnist``   download missing files into it
 
@@ -166,6 +168,8 @@ def load_fashion_mnist(
     """
     spec = FASHION_MNIST_SPEC
     directory, origin = resolve_data_dir(data_dir)
+    if origin != "cache" and not directory.is_dir():
+        raise DataError(_no_directory_message(spec, directory, origin), directory)
     missing = [f for f in spec.files if not (directory / f.name).exists()]
     if missing:
         if origin == "env" or not download:
@@ -280,6 +284,21 @@ def _missing_message(
         f"{spec.mirrors[0]}."
     )
     return f"{spec.title}: {where} lacks {names}. {how}"
+
+
+def _no_directory_message(spec: DatasetSpec, directory: Path, origin: Origin) -> str:
+    """A directory named by the user that is not there: most often a typo, so it is not made."""
+    what = "is a file, not a directory" if directory.exists() else "does not exist"
+    if origin == "env":
+        return (
+            f"{spec.title}: {DATA_DIR_ENV}={directory} {what}. Point {DATA_DIR_ENV} at the "
+            f"directory that holds the four files, or unset it to download into {cache_dir()}."
+        )
+    return (
+        f"{spec.title}: the data directory {directory} {what}. Check the path; to download "
+        f"{spec.title} into a new directory, create it first (mkdir -p {directory}), or leave "
+        f"the directory out to use ${DATA_DIR_ENV} or the per-user cache ({cache_dir()})."
+    )
 
 
 @contextmanager

@@ -16,14 +16,11 @@ and dropout can go; every variation the experiments need is an argument, not new
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import difflib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import nn
-
-from bnlab.nn import BatchNorm
 
 LayerKind = Literal["conv", "dense"]
 # A norm factory: (num_features, kind) -> module; kind says whether it sees (N, C, H, W) or (N, C)
@@ -51,6 +48,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 POOLS: dict[str, type[nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 BUILTIN_NORMS = ("bnlab", "torch", "none")
+# the chapter's two batch norms by their bnlab.nn.make_norm names ("none" builds no layer)
+REGISTRY_NAMES = {"bnlab": "batch", "torch": "torch-batch"}
+INPUT_RANKS: dict[LayerKind, int] = {"conv": 4, "dense": 2}  # (N, C, H, W) and (N, C)
 
 
 class LeNet(nn.Sequential):
@@ -68,49 +68,42 @@ class LeNet(nn.Sequential):
         return [self[i] for i in self.norm_indices]
 
 
-def _bnlab_norm(options: Mapping[str, Any]) -> NormFactory:
-    def make(num_features: int, kind: LayerKind) -> nn.Module:
-        return BatchNorm(num_features, 4 if kind == "conv" else 2, **options)
+def norm_names() -> list[str]:
+    """Every name ``norm=`` accepts: the chapter's three, then the other registry norms."""
+    from bnlab.nn.registry import NORMS
 
-    return make
-
-
-def _torch_norm(options: Mapping[str, Any]) -> NormFactory:
-    def make(num_features: int, kind: LayerKind) -> nn.Module:
-        cls = nn.BatchNorm2d if kind == "conv" else nn.BatchNorm1d
-        return cls(num_features, **options)
-
-    return make
+    return [*BUILTIN_NORMS, *sorted(n for n in NORMS if n != "none")]
 
 
-def _registry_norm(name: str, options: Mapping[str, Any]) -> NormFactory:
-    # Other norms (layer, group, ...) come from bnlab.nn.make_norm when that registry exists;
-    # imported lazily so the model does not depend on it.
-    make_norm = getattr(importlib.import_module("bnlab.nn"), "make_norm", None)
-    if make_norm is None:
-        raise ValueError(
-            f"norm: expected one of {list(BUILTIN_NORMS)} or a callable "
-            f"(num_features, kind) -> nn.Module, got {name!r}; other names need "
-            "bnlab.nn.make_norm, which this installation does not have."
-        )
-    try:
-        params = inspect.signature(make_norm).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: pass only the documented args
-        params = {}  # type: ignore[assignment]
+def _unknown_norm(norm: str) -> ValueError:
+    names = norm_names()
+    close = difflib.get_close_matches(norm, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(
+        f"norm: expected one of {names} ('bnlab': bnlab.nn.BatchNorm, the registry's 'batch'; "
+        "'torch': nn.BatchNorm2d/1d, its 'torch-batch'; 'none': no norm layer; the others: "
+        f"bnlab.nn.make_norm's), got {norm!r}.{hint}"
+    )
+
+
+def _registry_norm(norm: str, options: Mapping[str, Any]) -> NormFactory:
+    from bnlab.nn.registry import NORMS, make_norm
+
+    name = REGISTRY_NAMES.get(norm, norm)
+    if name not in NORMS or name == "none":
+        raise _unknown_norm(norm)
+    takes_rank = "num_dims" in NORMS[name].options
 
     def make(num_features: int, kind: LayerKind) -> nn.Module:
         extra = dict(options)
-        if "kind" in params:  # which input the layer sees: (N, C, H, W) or (N, C)
-            extra.setdefault("kind", kind)
-        elif "num_dims" in params:  # the same, as BatchNorm's input rank
-            extra.setdefault("num_dims", 4 if kind == "conv" else 2)
-        module = make_norm(name, num_features, **extra)
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"bnlab.nn.make_norm({name!r}, {num_features}) returned "
-                f"{type(module).__name__}, expected an nn.Module."
-            )
-        return module
+        if takes_rank:  # the exact input rank, so the layer checks it as the chapter's does
+            extra.setdefault("num_dims", INPUT_RANKS[kind])
+        try:
+            return make_norm(name, num_features, kind=kind, **extra)
+        except (TypeError, ValueError) as e:
+            if name == norm:
+                raise
+            raise type(e)(f"norm={norm!r}: {e}") from e
 
     make(6, "conv")  # fail now, with the registry's own message, not mid-construction
     return make
@@ -121,8 +114,10 @@ def norm_factory(norm: NormSpec, options: Mapping[str, Any] | None = None) -> No
 
     "bnlab": :class:`bnlab.nn.BatchNorm`; "torch": ``nn.BatchNorm2d`` / ``nn.BatchNorm1d`` (the
     chapter's concise version); "none": no norm; any other name: ``bnlab.nn.make_norm(name,
-    num_features, **options)``. ``options`` go to the norm's constructor (e.g. ``eps``,
-    ``momentum``, ``convention="d2l"``).
+    num_features, kind=..., **options)``. Every name goes through that registry ("bnlab" is its
+    "batch", "torch" its "torch-batch"), and a layer that takes ``num_dims`` gets the rank of
+    its input (4 after a conv, 2 after a dense layer). ``options`` go to the norm's constructor
+    (e.g. ``eps``, ``momentum``, ``convention="d2l"``).
     """
     opts = dict(options or {})
     if callable(norm):
@@ -141,10 +136,6 @@ def norm_factory(norm: NormSpec, options: Mapping[str, Any] | None = None) -> No
         if opts:
             raise ValueError(f"norm_options: norm='none' takes no options, got {sorted(opts)}.")
         return None
-    if norm == "bnlab":
-        return _bnlab_norm(opts)
-    if norm == "torch":
-        return _torch_norm(opts)
     return _registry_norm(norm, opts)
 
 
@@ -305,5 +296,6 @@ __all__ = [
     "init_weights",
     "lenet",
     "norm_factory",
+    "norm_names",
     "resolve_layers",
 ]

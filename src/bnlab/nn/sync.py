@@ -248,12 +248,15 @@ def _bnlab_options(module: BatchNorm) -> dict[str, Any]:
     return {name: getattr(module, name) for name in names if hasattr(module, name)}
 
 
-def _torch_num_dims(module: _BatchNorm) -> int | None:
-    if isinstance(module, nn.BatchNorm2d):
+def torch_num_dims(module: nn.Module) -> int | None:
+    """The input rank a torch BN class insists on: 4 for ``BatchNorm2d``, 5 for
+    ``BatchNorm3d`` (and their lazy forms); None for ``BatchNorm1d``, which takes (N, C) and
+    (N, C, L), for ``SyncBatchNorm``, which takes any rank, and for anything else."""
+    if isinstance(module, nn.BatchNorm2d | nn.LazyBatchNorm2d):
         return 4
-    if isinstance(module, nn.BatchNorm3d):
+    if isinstance(module, nn.BatchNorm3d | nn.LazyBatchNorm3d):
         return 5
-    return None  # BatchNorm1d takes (N, C) and (N, C, L); SyncBatchNorm any rank
+    return None
 
 
 def _uninitialized(module: nn.Module) -> bool:
@@ -279,10 +282,7 @@ PLAIN_BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (*_BNLAB_PLAIN, *_TORCH_PL
 
 
 def _to_sync(module: nn.Module, process_group: ProcessGroup) -> nn.Module | None:
-    if isinstance(module, BatchNorm | _BatchNorm) and type(module) not in (
-        *_BNLAB_PLAIN,
-        *_TORCH_PLAIN,
-    ):
+    if isinstance(module, BatchNorm | _BatchNorm) and type(module) not in PLAIN_BATCH_NORM_TYPES:
         warnings.warn(
             f"convert_sync_batchnorm: {type(module).__name__} is a batch norm variant, not a "
             "plain BatchNorm; it is left unconverted and keeps per-process statistics.",
@@ -315,7 +315,7 @@ def _to_sync(module: nn.Module, process_group: ProcessGroup) -> nn.Module | None
         return _take_state(
             SyncBatchNorm(
                 module.num_features,
-                num_dims=_torch_num_dims(module),
+                num_dims=torch_num_dims(module),
                 eps=module.eps,
                 momentum=module.momentum,
                 scale=module.weight is not None,
@@ -383,4 +383,5 @@ __all__ = [
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
     "sync_moments",
+    "torch_num_dims",
 ]

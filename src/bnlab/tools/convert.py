@@ -13,20 +13,23 @@ outputs agree in both modes.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnlab.functional.batch_norm import channel_axis_index
-from bnlab.nn import BatchNorm
+from bnlab.nn import BatchNorm, SyncBatchNorm
+from bnlab.nn.registry import NORMS, make_norm
+from bnlab.nn.sync import torch_num_dims
 from bnlab.tools.adjacency import preceding_layers
 from bnlab.tools.common import (
     bn_state,
     check_materialized,
     check_module,
+    is_plain_batch_norm,
     replace_modules,
     working_copy,
 )
@@ -36,11 +39,6 @@ TORCH_BN: dict[int, type[nn.Module]] = {
     3: nn.BatchNorm1d,
     4: nn.BatchNorm2d,
     5: nn.BatchNorm3d,
-}
-_TORCH_RANK: dict[type[nn.Module], int | None] = {
-    nn.BatchNorm1d: None,  # (N, C) or (N, C, L)
-    nn.BatchNorm2d: 4,
-    nn.BatchNorm3d: 5,
 }
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # Set by convert_norm from the source layer: options may not override them.
@@ -64,12 +62,16 @@ _SOURCE_ATTR = "_converted_from"
 _NUM_DIMS_ATTR = "_bnlab_num_dims"
 
 
+# The plain classes only (lazy forms included): a subclass (renorm, ghost) computes something
+# else, and a synchronized BN stays synchronized.
 def _is_torch_bn(m: nn.Module) -> bool:
-    return type(m) in _TORCH_RANK  # exact classes: SyncBatchNorm and subclasses stay
+    return (
+        is_plain_batch_norm(m) and isinstance(m, _BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+    )
 
 
 def _is_bnlab_bn(m: nn.Module) -> bool:
-    return type(m) is BatchNorm  # subclasses (sync, renorm, ghost) compute something else
+    return is_plain_batch_norm(m) and isinstance(m, BatchNorm) and not isinstance(m, SyncBatchNorm)
 
 
 def _layer_rank(layer: nn.Module) -> int:
@@ -114,7 +116,7 @@ def _to_bnlab(bn: nn.Module, options: dict[str, Any]) -> nn.Module:
     ref = state.reference()
     new = BatchNorm(
         state.num_features,
-        bn.__dict__.get(_NUM_DIMS_ATTR, _TORCH_RANK[type(bn)]),
+        num_dims=bn.__dict__.get(_NUM_DIMS_ATTR, torch_num_dims(bn)),
         eps=state.eps,
         momentum=state.momentum,
         scale=state.weight is not None,
@@ -133,7 +135,7 @@ def _to_bnlab(bn: nn.Module, options: dict[str, Any]) -> nn.Module:
 def _known_rank(bn: nn.Module, before: dict[int, nn.Module], input_rank: int | None) -> int | None:
     """The input rank of ``bn``: its own (bnlab ``num_dims``, torch BatchNorm2d/3d), the torch
     class it was converted from, a directly preceding Conv/Linear, ``input_rank``, or None."""
-    fixed = bn.num_dims if isinstance(bn, BatchNorm) else _TORCH_RANK.get(type(bn))
+    fixed = bn.num_dims if isinstance(bn, BatchNorm) else torch_num_dims(bn)
     if fixed is not None:
         return int(fixed)
     source = bn.__dict__.get(_SOURCE_ATTR)
@@ -190,40 +192,26 @@ def _to_torch(name: str, bn: BatchNorm, rank: int | None) -> nn.Module:
         **({} if bn.center or not bn.scale else {"bias": False}),
     )
     _copy_state(bn, new, strict=True)  # fixed_affine buffers become params, requires_grad False
-    if bn.num_dims is not None and bn.num_dims != _TORCH_RANK[cls]:
+    if bn.num_dims is not None and bn.num_dims != torch_num_dims(new):
         object.__setattr__(new, _NUM_DIMS_ATTR, bn.num_dims)  # e.g. 2 for BatchNorm1d
     return new
 
 
-def _registry() -> Any:
-    try:
-        return importlib.import_module("bnlab.nn.registry")
-    except ModuleNotFoundError as err:
-        if err.name != "bnlab.nn.registry":
-            raise
-        raise ValueError(
-            "convert_norm(to=<name>): converting to other norms needs bnlab.nn.registry "
-            "(make_norm), which this installation does not have; to='bnlab' and to='torch' "
-            "work without it."
-        ) from None
-
-
 def _registry_options(target: str) -> frozenset[str]:
     """The options ``make_norm(target, ...)`` accepts; a clear error for an unknown name."""
-    norms = _registry().NORMS
-    if target not in norms:
+    if target not in NORMS:
         raise ValueError(
             f"to: expected 'bnlab', 'torch' or a norm name of bnlab.nn.registry "
-            f"{sorted(norms)}, got {target!r}."
+            f"{sorted(NORMS)}, got {target!r}."
         )
-    return frozenset(norms[target].options)
+    return frozenset(NORMS[target].options)
 
 
 def _carried_settings(bn: nn.Module, accepted: frozenset[str]) -> dict[str, Any]:
     """The source's settings that the target layer takes as constructor options."""
     state = bn_state(bn)
     convention = str(getattr(bn, "convention", "torch"))
-    fixed_rank = bn.num_dims if isinstance(bn, BatchNorm) else _TORCH_RANK.get(type(bn))
+    fixed_rank = bn.num_dims if isinstance(bn, BatchNorm) else torch_num_dims(bn)
     axis = int(getattr(bn, "axis", 1))
     out: dict[str, Any] = {}
     if "eps" in accepted:
@@ -271,7 +259,7 @@ def _to_registry(
         kind = "conv" if (rank or 2) >= 3 else "dense"  # a lone BatchNorm1d: (N, C)
     state = bn_state(bn)
     kwargs.update(_carried_settings(bn, accepted))
-    new: nn.Module = _registry().make_norm(target, state.num_features, kind=kind, **kwargs)
+    new: nn.Module = make_norm(target, state.num_features, kind=kind, **kwargs)
     ref = state.reference()
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype)

@@ -13,6 +13,7 @@ from bnlab.functional.batch_norm import channel_axis_index
 from bnlab.functional.checks import check_eps, check_input
 from bnlab.functional.core import accumulation_dtype, apply_scale_shift, scale_shift
 from bnlab.nn.batchnorm import add_missing_batch_count
+from bnlab.nn.sync import torch_num_dims
 
 
 class FrozenBatchNorm(nn.Module):
@@ -92,7 +93,7 @@ class FrozenBatchNorm(nn.Module):
             int(mean.numel()),
             eps=float(getattr(bn, "eps", 1e-5)),
             axis=int(getattr(bn, "axis", 1)),
-            num_dims=getattr(bn, "num_dims", None) or _torch_rank(bn),
+            num_dims=getattr(bn, "num_dims", None) or torch_num_dims(bn),
             weight=weight is not None,
             bias=bias is not None,
             device=mean.device,
@@ -116,7 +117,7 @@ class FrozenBatchNorm(nn.Module):
 
             bn: nn.Module = BatchNorm(
                 self.num_features,
-                self.num_dims,
+                num_dims=self.num_dims,
                 eps=self.eps,
                 axis=self.axis,
                 scale=self.weight is not None,
@@ -185,15 +186,6 @@ class FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-
-
-def _torch_rank(bn: nn.Module) -> int | None:
-    """The input rank a torch BN class insists on (BatchNorm1d takes 2 or 3: None)."""
-    if isinstance(bn, nn.BatchNorm2d | nn.LazyBatchNorm2d):
-        return 4
-    if isinstance(bn, nn.BatchNorm3d | nn.LazyBatchNorm3d):
-        return 5
-    return None
 
 
 __all__ = ["FrozenBatchNorm"]

@@ -1,6 +1,5 @@
-"""Crash-safe files: every write goes to a temporary file in the same directory, is fsynced, and
-replaces the old file with ``os.replace`` (atomic on POSIX), so a run killed at any instant
-leaves either the previous file or the new one, never a torn one.
+"""Training checkpoints, written crash-safe (:func:`bnlab._io.atomic_write`: a run killed at any
+instant leaves either the previous file or the new one, never a torn one).
 
 A checkpoint holds only tensors, dicts, lists, numbers and strings, so it loads with
 ``torch.load(path, weights_only=True)`` (no pickled code runs on load).
@@ -8,15 +7,15 @@ A checkpoint holds only tensors, dicts, lists, numbers and strings, so it loads 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
+
+from bnlab._io import atomic_write
 
 CHECKPOINT_FORMAT = "bnlab-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -25,41 +24,6 @@ CHECKPOINT_KEYS = ("format", "version", "epoch", "config", "model", "optimizer",
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or is not a bnlab training checkpoint."""
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over
-    ``path``. On any error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -127,8 +91,6 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
-    "atomic_write",
-    "atomic_write_text",
     "capture_rng",
     "load_checkpoint",
     "restore_rng",

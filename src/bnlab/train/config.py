@@ -4,11 +4,12 @@ options are generated from its fields, and the resolved config is saved with eve
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -20,9 +21,17 @@ class ConfigError(ValueError):
     and how to fix it."""
 
 
-def option(default: T, help: str, *, flag: str | None = None, metavar: str | None = None) -> T:
-    """A config field: its default and the help text ``bnlab train --help`` shows."""
-    metadata = {"help": help, "flag": flag, "metavar": metavar}
+def option(
+    default: T,
+    help: str,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> T:
+    """A config field: its default and the help text ``bnlab train --help`` shows (``cli``:
+    whether it is a command-line option at all)."""
+    metadata = {"help": help, "flag": flag, "metavar": metavar, "cli": cli}
     if isinstance(default, list | dict | set):
         raise TypeError("option: use an immutable default (tuple) for dataclass fields.")
     return typing.cast(T, field(default=default, metadata=metadata))
@@ -34,6 +43,12 @@ class TrainConfig:
     256, plain SGD, BN-LeNet with sigmoid)."""
 
     # --- what is trained
+    model: str = option(
+        "lenet",
+        "the network: 'lenet', the chapter's BN-LeNet that the options below describe; a run of "
+        "train(config, model=...) records the class of the model it was given",
+        cli=False,
+    )
     norm: str = option(
         "bnlab",
         "normalization layer: 'bnlab' (bnlab.nn.BatchNorm, from scratch), 'torch' "
@@ -45,7 +60,8 @@ class TrainConfig:
         (),
         "a KEY=VALUE option for every norm layer, repeatable (e.g. --norm-option "
         "convention=d2l --norm-option momentum=0.9 for the chapter's from-scratch conventions); "
-        "VALUE is read as JSON when it parses, else as a string",
+        "VALUE is read as JSON or a Python literal (0.9, null or None, true or True) when it "
+        "parses, else as a string",
         flag="--norm-option",
         metavar="KEY=VALUE",
     )
@@ -97,6 +113,13 @@ class TrainConfig:
         "across resume only with the same count",
         metavar="N",
     )
+    sync_bn: bool = option(
+        True,
+        "with several processes (--nproc, torchrun): synchronized BatchNorm, statistics of the "
+        "whole global batch; --no-sync-bn keeps per-process BN as plain DDP (each process "
+        "normalizes with its own part) and makes the running statistics identical on every "
+        "process (bnlab.distributed.sync_running_stats) before every evaluation and checkpoint",
+    )
     data_dir: str | None = option(
         None,
         "Fashion-MNIST directory (default: $BNLAB_DATA_DIR, else the per-user cache; "
@@ -147,26 +170,17 @@ class TrainConfig:
                 raise ConfigError(
                     f"norm_options: expected KEY=VALUE items such as 'momentum=0.9', got {item!r}."
                 )
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw  # a bare word such as d2l
-            parsed[key.strip()] = value
+            parsed[key.strip()] = _option_value(raw)
         return parsed
+
+    def lenet_fields(self) -> dict[str, Any]:
+        """The fields that describe the built-in LeNet (none of them used with a model of
+        one's own), with their values."""
+        return {k: getattr(self, k) for k in LENET_FIELDS}
 
     def model_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`bnlab.models.lenet` this config asks for."""
-        return {
-            "norm": self.norm,
-            "norm_options": self.parsed_norm_options(),
-            "norm_layers": self.norm_layers,
-            "norm_position": self.norm_position,
-            "activation": self.activation,
-            "bias_before_norm": self.bias_before_norm,
-            "dropout": self.dropout,
-            "dropout_layers": self.dropout_layers,
-            "pool": self.pool,
-        }
+        return {**self.lenet_fields(), "norm_options": self.parsed_norm_options()}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples become lists."""
@@ -188,6 +202,33 @@ class TrainConfig:
             k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
         }
         return cls(**values)
+
+
+# the fields that configure the built-in LeNet (model="lenet")
+LENET_FIELDS = (
+    "norm",
+    "norm_options",
+    "norm_layers",
+    "norm_position",
+    "activation",
+    "bias_before_norm",
+    "dropout",
+    "dropout_layers",
+    "pool",
+)
+
+
+def _option_value(raw: str) -> Any:
+    """A --norm-option VALUE: JSON (0.9, null, true), else a Python literal (None, True), else
+    the string itself (a bare word such as d2l)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return raw
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -229,6 +270,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[TrainConfig]
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
         hint = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if get_origin(hint) in (types.UnionType, typing.Union):
@@ -255,16 +298,27 @@ def config_overrides(args: argparse.Namespace, cls: type[TrainConfig]) -> dict[s
 
 
 def flag_of(name: str, cls: type[TrainConfig] = TrainConfig) -> str:
-    """The command-line flag of a config field (for error messages)."""
-    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
-    return _flag(f)
+    """The command-line flag of a config field (for error messages); the name itself for a
+    field that has none, or is no field."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.metadata.get("cli", True):
+            return _flag(f)
+    return name
+
+
+def describe_fields(names: Iterable[str]) -> str:
+    """``["lr", "epochs"]`` -> ``"lr (--lr), epochs (--epochs)"``, for messages read by both
+    the Python API's and the command line's users."""
+    return ", ".join(n if flag_of(n) == n else f"{n} ({flag_of(n)})" for n in names)
 
 
 __all__ = [
+    "LENET_FIELDS",
     "ConfigError",
     "TrainConfig",
     "add_config_arguments",
     "config_overrides",
+    "describe_fields",
     "flag_of",
     "option",
 ]

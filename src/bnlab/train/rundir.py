@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bnlab.train.checkpoint import atomic_write_text
+from bnlab._io import atomic_write_text
 from bnlab.train.config import ConfigError, TrainConfig
 
 METRIC_FIELDS = (
@@ -74,14 +74,22 @@ def default_out(
     return path
 
 
-def create_run_dir(path: str | os.PathLike[str]) -> RunDir:
-    """Make a fresh run directory; refuse one that already holds a run."""
+def check_new_run_dir(path: str | os.PathLike[str]) -> RunDir:
+    """The run directory at ``path``, refused if it already holds a run (nothing is made)."""
     run = RunDir(Path(path))
     if run.config.exists() or run.checkpoint.exists():
         raise ConfigError(
             f"out: {run.path} already holds a run. Continue it with --resume {run.path}, or "
             "choose another --out (or leave it out for a fresh runs/<timestamp>-<norm>)."
         )
+    if run.path.exists() and not run.path.is_dir():
+        raise ConfigError(f"out: {run.path} is a file; expected a directory for the run.")
+    return run
+
+
+def create_run_dir(path: str | os.PathLike[str]) -> RunDir:
+    """Make a fresh run directory; refuse one that already holds a run."""
+    run = check_new_run_dir(path)
     try:
         run.path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
@@ -126,6 +134,7 @@ def write_metrics(
 __all__ = [
     "METRIC_FIELDS",
     "RunDir",
+    "check_new_run_dir",
     "create_run_dir",
     "default_out",
     "read_config",
