@@ -1,11 +1,17 @@
 """The speed benchmark behind ``bnlab bench`` and docs/speed.md.
 
-Every batch-norm contender is timed on the same tensors in one process, interleaved, and
-reported as a median and a ratio to ``torch.nn.functional.batch_norm``; one BN-LeNet training
-epoch compares the layers end to end. The native C++ kernel is built (or loaded) once before any
-timing, and its build time is reported; where it cannot be built it is reported unavailable.
-:func:`run_benchmark` returns a :class:`BenchResult` that writes itself as JSON and as a
-markdown table.
+Three comparisons, each timed interleaved in one process, for every thread count asked for:
+
+* the layers as users build them: ``bnlab.nn.BatchNorm(C)`` (the default kernel) against
+  ``torch.nn.BatchNorm1d/2d(C)`` (:mod:`bnlab.bench.modules`);
+* the functions: every bnlab kernel, the chapter's formula and a memory-traffic floor against
+  ``torch.nn.functional.batch_norm`` (:mod:`bnlab.bench.kernels`);
+* one BN-LeNet training epoch per norm layer (:mod:`bnlab.bench.lenet`);
+
+and, once, the first training step of a default layer in a fresh process, import included
+(:mod:`bnlab.bench.startup`). The C++ kernel's build is loaded (never compiled) before any
+timing and its load time is reported; without a build it is reported unavailable, with the fix.
+:func:`run_benchmark` returns a :class:`BenchResult` that writes itself as JSON and markdown.
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ from bnlab.bench.kernels import (
     LARGE_SHAPES,
     LENET_SHAPES,
     SHAPES,
+    KernelResult,
     NativeStatus,
     bench_kernel,
     kernel_cases,
     prepare_native,
 )
 from bnlab.bench.lenet import NORMS, bench_lenet
+from bnlab.bench.modules import bench_module
 from bnlab.bench.report import BenchResult, loadavg, machine_info
+from bnlab.bench.startup import first_step
 from bnlab.bench.timing import Clock, clock_function
 
 
@@ -39,36 +48,36 @@ class BenchConfig:
     warmup: int = 5  # untimed calls per contender first
     min_sample_s: float = 0.002  # a sample times enough calls to last this long
     compiled: bool = True  # also time impl="fast_compiled" (compiles every case once)
-    native: bool = True  # also time impl="native" (CPU only; its build is timed apart)
-    lenet_norms: tuple[str, ...] = ("bnlab", "bnlab_compiled", "bnlab_native", "torch", "none")
+    native: bool = True  # also time impl="native" by name (CPU only; its load is timed apart)
+    functions: bool = True  # also time the functions, not only the layers
+    lenet_norms: tuple[str, ...] = ("bnlab", "bnlab_fast", "bnlab_compiled", "torch", "none")
     lenet_images: int = 60000  # 0 skips the end-to-end epoch
     lenet_rounds: int = 3  # epochs per norm, interleaved
     batch_size: int = 256
+    threads: tuple[int, ...] = (1, 2)  # torch.set_num_threads for each pass of the benchmark
+    first_step: bool = True  # time a default layer's first step in a fresh process
     device: str = "cpu"
     seed: int = 0
     clock: Clock = "wall"  # "cpu": thread CPU time, robust on a busy machine (1 thread only)
 
     @classmethod
     def quick(cls, **overrides: object) -> BenchConfig:
-        """A smoke run: every shape, few samples, a 4096-image epoch, no torch.compile (the
-        native kernel is kept: its build is cached on disk, compiled only on a first run)."""
+        """A smoke run: every shape, few samples, a 4096-image epoch, one thread (the current
+        setting), no torch.compile."""
         base = cls(
             reps=5,
             warmup=2,
             min_sample_s=0.0005,
             compiled=False,
-            lenet_norms=("bnlab", "bnlab_native", "torch", "none"),
+            lenet_norms=("bnlab", "bnlab_fast", "torch", "none"),
             lenet_images=4096,
             lenet_rounds=1,
+            threads=(torch.get_num_threads(),),
         )
         return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
-def run_benchmark(
-    config: BenchConfig, progress: Callable[[str], None] | None = None
-) -> BenchResult:
-    """Run every case of ``config``; ``progress`` gets one line per finished case."""
-    device = torch.device(config.device)
+def _check(config: BenchConfig, device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device: expected an available device, got {config.device!r} but "
@@ -77,7 +86,13 @@ def run_benchmark(
     for shape in config.shapes:
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shapes: expected (N, C, *spatial) with positive sizes, got {shape}.")
-    clock_function(config.clock)  # a bad clock fails before any measurement
+    if not config.threads or min(config.threads) < 1:
+        raise ValueError(f"threads: expected positive thread counts, got {config.threads}.")
+    if config.clock == "cpu" and set(config.threads) != {1}:
+        raise ValueError(
+            f"clock='cpu' counts the calling thread only: expected threads (1,), got "
+            f"{config.threads}. Use --threads 1, or clock='wall'."
+        )
     if config.clock == "cpu" and device.type != "cpu":
         raise ValueError(
             f"clock: 'cpu' measures host CPU time, which misses {device.type} work; use "
@@ -86,51 +101,84 @@ def run_benchmark(
     unknown = [n for n in config.lenet_norms if n not in NORMS]
     if unknown:
         raise ValueError(f"lenet_norms: expected names from {sorted(NORMS)}, got {unknown}.")
-    result = BenchResult(machine_info(device), dataclasses.asdict(config))
-    say = progress or (lambda line: None)
-    native = False
-    if config.native:
-        status: NativeStatus = prepare_native(device)  # before any timing, reported apart
-        result.native = status
-        native = status.available
-        say(f"native kernel: {status.describe()}")
-    for shape, cl, mode in kernel_cases(config.shapes):
-        k = bench_kernel(
-            shape,
-            channels_last=cl,
-            mode=mode,
-            device=device,
-            reps=config.reps,
-            warmup=config.warmup,
-            min_sample_s=config.min_sample_s,
-            compiled=config.compiled,
-            seed=config.seed,
-            clock=config.clock,
-            native=native,
-        )
-        result.kernels.append(k)
-        say(
-            f"{mode:5} {'×'.join(map(str, shape)):>14} {k.layout:13} "
-            + " ".join(f"{n}={t.median_s * 1e6:.0f}µs" for n, t in k.times.items())
-        )
-    if config.lenet_images:
-        norms = config.lenet_norms
-        if not config.compiled:
-            norms = tuple(n for n in norms if n != "bnlab_compiled")
-        if not native:  # not asked for, or unavailable (result.native says why)
-            norms = tuple(n for n in norms if n != "bnlab_native")
-        for e in bench_lenet(
-            norms,
-            images=config.lenet_images,
-            rounds=config.lenet_rounds,
-            device=device,
-            batch_size=config.batch_size,
-            seed=config.seed,
-        ):
-            result.lenet.append(e)
-            say(f"epoch {e.norm:14} {e.median_s:.2f}s (rounds: {e.seconds})")
+
+
+def run_benchmark(
+    config: BenchConfig, progress: Callable[[str], None] | None = None
+) -> BenchResult:
+    """Run every case of ``config``; ``progress`` gets one line per finished case."""
+    device = torch.device(config.device)
+    _check(config, device)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(config.threads[0])
+        clock_function(config.clock)  # a bad clock fails before any measurement
+        result = BenchResult(machine_info(device), dataclasses.asdict(config))
+        _run(config, device, result, progress or (lambda line: None))
+    finally:
+        torch.set_num_threads(before)
     result.machine["loadavg_end"] = loadavg()
     return result
+
+
+def _run(
+    config: BenchConfig, device: torch.device, result: BenchResult, say: Callable[[str], None]
+) -> None:
+    status: NativeStatus = prepare_native(device)  # before any timing, reported apart
+    result.native = status
+    say(f"native kernel: {status.describe()}")
+    native = config.native and status.available
+    timing = {
+        "device": device,
+        "reps": config.reps,
+        "warmup": config.warmup,
+        "min_sample_s": config.min_sample_s,
+        "seed": config.seed,
+        "clock": config.clock,
+    }
+    if config.first_step and device.type == "cpu":
+        result.first_step = first_step()
+        say(f"first step in a fresh process: {result.first_step.describe()}")
+    for threads in config.threads:
+        torch.set_num_threads(threads)
+        for shape, cl, mode in kernel_cases(config.shapes):
+            k = bench_module(shape, channels_last=cl, mode=mode, **timing)  # type: ignore[arg-type]
+            result.modules.append(k)
+            say(_line(f"{threads}t layer", k))
+        if config.functions:
+            for shape, cl, mode in kernel_cases(config.shapes):
+                k = bench_kernel(
+                    shape,
+                    channels_last=cl,
+                    mode=mode,
+                    compiled=config.compiled,
+                    native=native,
+                    **timing,  # type: ignore[arg-type]
+                )
+                result.kernels.append(k)
+                say(_line(f"{threads}t fn", k))
+        if config.lenet_images:
+            norms = config.lenet_norms
+            if not config.compiled:
+                norms = tuple(n for n in norms if n != "bnlab_compiled")
+            if not native:  # not asked for, or unavailable (result.native says why)
+                norms = tuple(n for n in norms if n != "bnlab_native")
+            for e in bench_lenet(
+                norms,
+                images=config.lenet_images,
+                rounds=config.lenet_rounds,
+                device=device,
+                batch_size=config.batch_size,
+                seed=config.seed,
+            ):
+                result.lenet.append(e)
+                say(f"{threads}t epoch {e.norm:14} {e.median_s:.2f}s (rounds: {e.seconds})")
+
+
+def _line(what: str, k: KernelResult) -> str:
+    shape = "×".join(map(str, k.shape))
+    times = " ".join(f"{n}={t.median_s * 1e6:.0f}µs" for n, t in k.times.items())
+    return f"{what} {k.mode:5} {shape:>14} {k.layout:13} {times}"
 
 
 __all__ = [

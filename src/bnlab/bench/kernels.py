@@ -2,10 +2,12 @@
 
 Contenders (training: forward and backward to x, γ and β; eval: forward only, without grad):
 
-    fast           bnlab.batch_norm(impl="fast"), the default: eager analytic kernel
+    native         bnlab.batch_norm(impl="native"), the fused C++ kernel: the default
+                   (impl="auto") on the CPU wherever it is built (its load is timed apart, by
+                   :func:`prepare_native`, which never compiles)
+    fast           bnlab.batch_norm(impl="fast"), the eager analytic kernel: the default where
+                   the C++ kernel is not built
     fast_compiled  bnlab.batch_norm(impl="fast_compiled"), after its compile (timed apart)
-    native         bnlab.batch_norm(impl="native"), the fused C++ kernel, after its build
-                   (done once per process by :func:`prepare_native`, reported apart)
     reference      bnlab.batch_norm(impl="reference"), autograd through the readable math
     naive          the chapter's from-scratch formula, through autograd
     torch          torch.nn.functional.batch_norm, PyTorch's C++/CUDA kernel
@@ -19,12 +21,13 @@ Contenders (training: forward and backward to x, γ and β; eval: forward only, 
 In eval the eager bnlab kernels share one path (running statistics folded into a scale and a
 shift), so it is listed once, as "bnlab"; "native" has its own one-pass C++ eval kernel and is
 listed beside it. The native kernel is CPU-only (on other devices it runs the fast kernel), so it
-is measured on the CPU only.
+is measured on the CPU only. :mod:`bnlab.bench.modules` times the layers as users build them.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -35,7 +38,7 @@ from torch import Tensor
 
 from bnlab.bench.timing import Clock, Timing, clock_function, synchronizer, time_interleaved
 from bnlab.functional import fast as fast  # registers the fast kernels
-from bnlab.functional import native as native_ext  # registers impl="native" (built on first use)
+from bnlab.functional import native as native_ext  # registers impl="native" and "auto"
 from bnlab.functional.batch_norm import batch_norm
 
 Mode = Literal["train", "eval"]
@@ -84,22 +87,25 @@ def naive_batch_norm(
 
 @dataclass(frozen=True)
 class NativeStatus:
-    """Whether impl="native" could be measured, and what its build cost this process."""
+    """Whether the C++ kernel could be measured, and what loading it cost this process."""
 
     available: bool
-    build_s: float | None  # build_native's load (or compile) time in this process
-    was_cached: bool | None  # True: a build was already on disk, only loaded
+    build_s: float | None  # seconds to load the build (or, if this process made it, to compile)
+    was_cached: bool | None  # True: an existing build was loaded, nothing compiled
     loaded_before: bool  # already loaded in this process before the benchmark asked for it
     error: str | None  # why it is unavailable
     cache_limit_bytes: int | None = None  # the output cache's limit (0: off)
+    path: str | None = None  # the build directory
 
     def describe(self) -> str:
         if not self.available:
             return f"unavailable: {self.error}"
-        how = "loaded from a cached build" if self.was_cached else "compiled in this process"
-        text = f"{how} in {self.build_s:.2f} s" + (
+        how = "loaded from its build" if self.was_cached else "compiled in this process"
+        text = f"{how} in {self.build_s:.3f} s" + (
             " (before the benchmark started)" if self.loaded_before else ""
         )
+        if self.path is not None:
+            text += f" ({self.path})"
         if self.cache_limit_bytes is not None:
             limit = self.cache_limit_bytes
             text += f"; output cache {'off' if limit == 0 else f'up to {limit / 2**20:g} MiB'}"
@@ -107,10 +113,11 @@ class NativeStatus:
 
 
 def prepare_native(device: torch.device) -> NativeStatus:
-    """Build or load the native extension once, before any timing, and say what it cost.
+    """Load the C++ kernel's build once, before any timing, and say what it cost.
 
-    A build failure (:class:`~bnlab.functional.native.NativeBuildError`) makes native
-    unavailable, with the error, rather than failing the benchmark.
+    It never compiles: the benchmark measures what a user's default gets. Without a build the
+    kernel is unavailable, with the reason and the fix (``bnlab build``), and the default
+    contenders run the eager kernel, as a user's would.
     """
     if device.type != "cpu":
         return NativeStatus(
@@ -120,15 +127,18 @@ def prepare_native(device: torch.device) -> NativeStatus:
             False,
             f"the native kernel is CPU-only (on {device.type} it runs the fast kernel)",
         )
-    loaded_before = native_ext.build_native.cache_info().currsize > 0
-    try:
-        native_ext.build_native()
-    except native_ext.NativeBuildError as e:
-        return NativeStatus(False, None, None, loaded_before, str(e))
-    build_s = getattr(native_ext.build_native, "seconds", None)
-    was_cached = getattr(native_ext.build_native, "was_cached", None)
+    loaded_before = native_ext.native_load() is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", native_ext.NativeKernelWarning)  # reported instead
+        module = native_ext.load_native()
+    load = native_ext.native_load()
+    if module is None or load is None:
+        reason = native_ext.unavailable_reason() or "not loaded"
+        return NativeStatus(False, None, None, loaded_before, f"{reason}. {native_ext.FIX}")
     limit = native_ext.output_cache_info()["limit_bytes"]
-    return NativeStatus(True, build_s, was_cached, loaded_before, None, limit)
+    return NativeStatus(
+        True, load.seconds, not load.compiled, loaded_before, None, limit, str(load.path)
+    )
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,7 @@ class KernelResult:
     mode: Mode
     times: dict[str, Timing]
     compile_s: float | None  # first call of fast_compiled (forward + backward compiles)
+    threads: int = 1  # torch.get_num_threads() during the measurement
 
     @property
     def layout(self) -> str:
@@ -281,7 +292,7 @@ def bench_kernel(
     if native:
         if device.type != "cpu":
             raise ValueError(f"native: the native kernel is CPU-only, got device {device}.")
-        native_ext.build_native()  # cached per process: free after the first call
+        native_ext.build_native()  # loaded once per process: free after the first call
     fns = _contenders(shape, channels_last, mode, device, compiled, seed, native)
     sync = synchronizer(device)
     compile_s = None
@@ -293,7 +304,9 @@ def bench_kernel(
     times = time_interleaved(
         fns, reps=reps, warmup=warmup, min_sample_s=min_sample_s, sync=sync, clock=clock
     )
-    return KernelResult(tuple(shape), channels_last, mode, times, compile_s)
+    return KernelResult(
+        tuple(shape), channels_last, mode, times, compile_s, torch.get_num_threads()
+    )
 
 
 def kernel_cases(

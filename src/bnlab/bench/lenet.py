@@ -26,7 +26,7 @@ NormFactory = Callable[[int, int], nn.Module]
 
 
 def _bnlab(impl: str) -> NormFactory:
-    return lambda c, rank: BatchNorm(c, rank, impl=impl)
+    return lambda c, rank: BatchNorm(c, num_dims=rank, impl=impl)
 
 
 def _torch(c: int, rank: int) -> nn.Module:
@@ -38,9 +38,10 @@ def _none(c: int, rank: int) -> nn.Module:
 
 
 NORMS: dict[str, NormFactory] = {
-    "bnlab": _bnlab("fast"),  # the library's default kernel
+    "bnlab": _bnlab("auto"),  # the default: the C++ kernel where built, else "fast"
+    "bnlab_fast": _bnlab("fast"),  # the eager kernel
     "bnlab_compiled": _bnlab("fast_compiled"),
-    "bnlab_native": _bnlab("native"),  # the fused C++ kernel (CPU; build it first)
+    "bnlab_native": _bnlab("native"),  # the C++ kernel by name
     "torch": _torch,
     "none": _none,
 }
@@ -65,6 +66,7 @@ class EpochResult:
     seconds: list[float]  # one per round
     images: int
     warmup_s: float  # the untimed warm-up steps (compilation, for bnlab_compiled)
+    threads: int = 1  # torch.get_num_threads() during the epochs
 
     @property
     def median_s(self) -> float:
@@ -102,9 +104,8 @@ def bench_lenet(
     """Seconds per training epoch for each norm in ``norms``, epochs interleaved by round.
 
     Before its first timed epoch each model takes two untimed steps, on a full and on the last
-    (partial) batch, where bnlab_compiled compiles its kernels (``warmup_s`` reports it);
-    bnlab_native would build its extension there too if it were not built yet, which
-    :func:`bnlab.bench.run_benchmark` does (and reports) before any timing.
+    (partial) batch, where bnlab_compiled compiles its kernels (``warmup_s`` reports it) and
+    the C++ kernel's build is loaded if it was not yet.
     """
     unknown = [n for n in norms if n not in NORMS]
     if unknown:
@@ -139,7 +140,8 @@ def bench_lenet(
             _epoch(model, optim, x, y, batch_size, gen)
             sync()
             seconds[name].append(time.perf_counter() - start)
-    return [EpochResult(name, seconds[name], images, warmup[name]) for name in norms]
+    threads = torch.get_num_threads()
+    return [EpochResult(name, seconds[name], images, warmup[name], threads) for name in norms]
 
 
 __all__ = ["NORMS", "EpochResult", "bench_lenet", "bn_lenet"]

@@ -225,6 +225,11 @@ def _note_unavailable(reason: str) -> None:
     )
 
 
+def unavailable_reason() -> str | None:
+    """Why :func:`load_native` found no usable build in this process, or None."""
+    return _unavailable
+
+
 def native_load() -> NativeLoad | None:
     """How this process loaded the C++ kernel, or None if it has not (yet)."""
     return _load
@@ -483,9 +488,16 @@ def layer_forward(layer: Any, x: Tensor) -> Tensor | None:
     if ext is None or layer.skip_nonfinite or layer.axis != 1 or not _plain_storage(layer):
         return None
     conv = CONVENTIONS.get(layer.convention)
-    if conv is None:
+    momentum, eps = layer.momentum, layer.eps
+    # settings the general path checks (and words the errors for) where they are used; and
+    # track_running_stats switched off after construction, which keeps the buffers out
+    if (
+        conv is None
+        or not (type(eps) is float and eps > 0.0)
+        or not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+        or (not layer.track_running_stats and layer.running_mean is not None)
+    ):
         return None
-    momentum = layer.momentum
     y: Tensor | None = ext.layer_forward(
         x,
         layer.weight,
@@ -493,7 +505,7 @@ def layer_forward(layer: Any, x: Tensor) -> Tensor | None:
         layer.running_mean,
         layer.running_var,
         layer.num_batches_tracked,
-        layer.eps,
+        eps,
         -1.0 if momentum is None else momentum,
         conv.momentum_is_decay,
         conv.unbiased_running_var,
@@ -513,6 +525,7 @@ register_eval_kernel("auto", auto_eval)
 
 __all__ = [
     "BUILD_DIR_ENV",
+    "FIX",
     "NativeBuildError",
     "NativeKernelWarning",
     "NativeLoad",
@@ -534,4 +547,5 @@ __all__ = [
     "native_train_update",
     "output_cache_info",
     "set_output_cache_limit",
+    "unavailable_reason",
 ]
