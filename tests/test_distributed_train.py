@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import torch.distributed as dist
 from bnlab.distributed import DataParallel, SingleProcess, current_plan, launch
 from bnlab.distributed.cli import add_arguments, run_distributed
 from bnlab.nn import SyncBatchNorm
-from bnlab.train import TrainConfig, evaluate, train_epoch
+from bnlab.train import TrainConfig, evaluate, train, train_epoch
+from bnlab.train.checkpoint import load_checkpoint
 from bnlab.train.loop import batch_bounds, build_model
 
 RUN_BOUND_S = 240.0
@@ -123,6 +125,129 @@ def test_two_process_ddp_equals_single_process(ddp_runs: list[dict[str, Any]], n
         assert got["acc"] == pytest.approx(ref["acc"], abs=1e-12)
         assert got["test_acc"] == pytest.approx(ref["test_acc"], abs=1e-12)
         assert got["agreed"] == "chosen by rank 0"
+
+
+# ---- per-process BN (--no-sync-bn): DDP as plain PyTorch, then sync_running_stats -----------
+
+
+def per_process_reference(config: TrainConfig, world: int = 2) -> list[dict[str, Any]]:
+    """DDP with per-process BN simulated in one process: a model copy per rank, each trained on
+    its part with the plan's loss scaling, the gradients averaged as DDP does."""
+    x, y, _, _ = make_data()
+    copies = [_model(config) for _ in range(world)]
+    opts = [torch.optim.SGD(c.parameters(), lr=config.lr) for c in copies]
+    perm = torch.randperm(N_TRAIN, generator=_shuffle(config))
+    for a, b in batch_bounds(N_TRAIN, BATCH):
+        for rank, c in enumerate(copies):
+            c.zero_grad(set_to_none=True)
+            idx = perm[a:b][rank::world]
+            loss = torch.nn.functional.cross_entropy(c(x[idx]), y[idx], reduction="sum")
+            (loss * (world / (b - a))).backward()
+        for params in zip(*(c.parameters() for c in copies), strict=True):
+            mean = torch.stack([q.grad for q in params]).mean(0)
+            for q in params:
+                q.grad = mean.clone()
+        for opt in opts:
+            opt.step()
+    return [c.state_dict() for c in copies]
+
+
+def _per_process_epoch(config: TrainConfig) -> dict[str, Any]:
+    x, y, _, _ = make_data()
+    plan = current_plan("cpu", sync_bn=False)
+    model = _model(config)
+    net = plan.wrap(model)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr)
+    perm = torch.randperm(N_TRAIN, generator=_shuffle(config))
+    net.train()
+    for a, b in batch_bounds(N_TRAIN, BATCH):
+        idx = plan.shard(perm[a:b])
+        loss = plan.loss_fn(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan.sync_running_stats(model)
+    return {
+        "before": before,
+        "after": model.state_dict(),
+        "sync_layers": sum(isinstance(m, SyncBatchNorm) for m in model.modules()),
+    }
+
+
+def _per_process_worker() -> dict[str, Any]:
+    return _per_process_epoch(CONFIGS["bnlab"])
+
+
+@dataclass(frozen=True)
+class _Images:
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def _images() -> _Images:
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (N_TRAIN + N_TEST, 28, 28), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (N_TRAIN + N_TEST,), generator=gen)
+    return _Images(images[:N_TRAIN], labels[:N_TRAIN], images[N_TRAIN:], labels[N_TRAIN:])
+
+
+def _train_worker(out: str) -> dict[str, Any]:
+    config = TrainConfig(epochs=2, batch_size=BATCH, sync_bn=False, out=out, device="cpu")
+    result = train(config, _images(), progress=False)
+    return {
+        "state": result.model.state_dict(),
+        "test_acc": [h.test_acc for h in result.history],
+        "sync_layers": sum(isinstance(m, SyncBatchNorm) for m in result.model.modules()),
+    }
+
+
+@pytest.fixture(scope="module")
+def per_process_runs() -> list[dict[str, Any]]:
+    return launch(_per_process_worker, 2, backend="gloo", timeout_s=60, join_timeout_s=RUN_BOUND_S)
+
+
+def test_per_process_bn_trains_as_plain_ddp(per_process_runs: list[dict[str, Any]]) -> None:
+    refs = per_process_reference(CONFIGS["bnlab"])
+    for rank, run in enumerate(per_process_runs):
+        assert run["sync_layers"] == 0
+        for key, value in refs[rank].items():
+            torch.testing.assert_close(run["before"][key], value, rtol=1e-9, atol=1e-11, msg=key)
+    stats = [k for k in refs[0] if k.endswith("running_mean")]
+    assert stats and all(not torch.allclose(refs[0][k], refs[1][k]) for k in stats)  # drifted
+
+
+def test_sync_running_stats_gives_every_rank_the_combination(
+    per_process_runs: list[dict[str, Any]],
+) -> None:
+    before = [run["before"] for run in per_process_runs]
+    for key in before[0]:
+        values = torch.stack([b[key].double() for b in before])
+        if key.endswith("running_mean"):
+            want = values.mean(0)
+        elif key.endswith("running_var"):
+            means = torch.stack([b[key.replace("running_var", "running_mean")] for b in before])
+            want = values.mean(0) + means.var(0, correction=0)
+        elif key.endswith("num_batches_tracked"):
+            want = values.amax(0)
+        else:  # weights: identical on both ranks already (DDP)
+            want = values[0]
+        for run in per_process_runs:
+            torch.testing.assert_close(run["after"][key].double(), want, rtol=1e-12, atol=0)
+
+
+def test_train_with_per_process_bn_tests_and_saves_one_set_of_statistics(tmp_path: Path) -> None:
+    out = str(tmp_path / "run")
+    runs = launch(_train_worker, 2, (out,), backend="gloo", timeout_s=60, join_timeout_s=240)
+    saved = load_checkpoint(Path(out) / "checkpoint.pt")
+    assert saved["config"]["sync_bn"] is False
+    for run in runs:
+        assert run["sync_layers"] == 0
+        assert run["test_acc"] == runs[0]["test_acc"]
+        for key, value in saved["model"].items():
+            assert torch.equal(run["state"][key], value), key  # every rank holds what was saved
 
 
 def test_single_process_plan_is_the_identity() -> None:

@@ -26,7 +26,7 @@ since they change what the BNs see.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -244,6 +244,30 @@ def precise_bn(
             batch gives a BN non-finite statistics (NaN or Inf; the error names the batch).
         RuntimeError: another process of the group failed (its error is in the message).
     """
+    return _precise(
+        model,
+        batches,
+        num_batches=num_batches,
+        mode=mode,
+        process_group=process_group,
+        store=_store,
+    )
+
+
+StoreFn = Callable[[nn.Module, "PopulationStatistics", int], None]  # (bn, stats, batches)
+
+
+def _precise(
+    model: ModuleT,
+    batches: Iterable[Any],
+    *,
+    num_batches: int | None,
+    mode: Mode,
+    process_group: ProcessGroup,
+    store: StoreFn,
+) -> ModuleT:
+    """precise_bn with the step that writes each BN's measured statistics given as ``store``
+    (precise_bn's own sets the running statistics to them)."""
     check_module(model)
     _check_args(batches, num_batches, mode)
     group = _merge_group(process_group)
@@ -265,7 +289,7 @@ def precise_bn(
         if t is not None
     ]
     snapshot = [t.clone() for t in buffers]
-    run = _Run(model, bns, batches, num_batches, mode, group)
+    run = _Run(model, bns, batches, num_batches, mode, group, store)
     try:
         with torch.no_grad():
             for bn, _ in flags:
@@ -312,12 +336,13 @@ def _warn_training_modules(model: nn.Module) -> None:
         if m.training and not is_batch_norm(m) and _behaves_differently_in_training(m)
     ]
     if found:
+        one = len(found) == 1
         warnings.warn(
-            f"precise_bn: {', '.join(found)} {'is' if len(found) == 1 else 'are'} in training "
-            "mode and behave(s) differently there (dropout drops values, a norm with running "
-            "statistics uses and updates batch statistics), so the BN statistics measured now "
-            "are not those the prediction network sees. Call model.eval() first; precise_bn "
-            "sets the BNs' own mode itself.",
+            f"precise_bn: {', '.join(found)} {'is' if one else 'are'} in training mode, where "
+            f"{'it behaves' if one else 'they behave'} differently than in prediction (dropout "
+            "drops values, a norm with running statistics uses and updates batch statistics), "
+            "so the BN statistics measured now are not those the prediction network sees. Call "
+            "model.eval() first; precise_bn sets the BNs' own mode itself.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -334,9 +359,10 @@ class _Run:
         num_batches: int | None,
         mode: Mode,
         group: ProcessGroup | None,
+        store: StoreFn,
     ) -> None:
         self.model, self.bns, self.batches = model, bns, batches
-        self.num_batches, self.mode, self.group = num_batches, mode, group
+        self.num_batches, self.mode, self.group, self.store = num_batches, mode, group, store
         self.names = {id(bn): name for name, bn in bns}
         self.stats: dict[int, PopulationStatistics] = {}
         self.order: list[nn.Module] = []  # BNs in the order forward() first calls them
@@ -457,7 +483,7 @@ class _Run:
             for bn in self.order:
                 stats = self.merged(bn)
                 if stats is not None:
-                    _store(bn, stats, count)
+                    self.store(bn, stats, count)
         else:
             count = self.agreed_pass()  # also measures the first BN
             self.first_pass = False
@@ -467,7 +493,7 @@ class _Run:
                     self.agreed_pass()
                 stats = self.merged(target)
                 if stats is not None:  # else it saw only empty batches: left as it was
-                    _store(target, stats, count)
+                    self.store(target, stats, count)
         missed = [self.names[id(bn)] for _, bn in self.bns if all(b is not bn for b in self.order)]
         if missed:
             warnings.warn(
