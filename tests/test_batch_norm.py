@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bnlab.functional import CONVENTIONS, batch_norm, moments
+from bnlab.functional.checks import MismatchError
 from bnlab.nn import BatchNorm
 
 EPS = 1e-5
@@ -180,7 +181,7 @@ def test_lazy_infers_features_and_textbook_signature_checks_rank() -> None:
     bn(torch.randn(4, 6, 3, 3))
     assert type(bn) is BatchNorm and bn.num_features == 6 and bn.weight.shape == (6,)
     assert torch.equal(bn.weight.detach(), torch.ones(6))
-    textbook = BatchNorm(6, 4)
+    textbook = BatchNorm(6, num_dims=4)
     textbook(torch.randn(4, 6, 3, 3))
     with pytest.raises(ValueError, match="rank-4 input"):
         textbook(torch.randn(4, 6))
@@ -269,13 +270,10 @@ def test_batch_of_one_is_fine_in_eval() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"momentum": 1.5}, ValueError, r"momentum: expected a value in \[0, 1\], got 1.5"),
-        ({"momentum": -0.1}, ValueError, r"momentum: expected a value in \[0, 1\]"),
-        ({"eps": 0.0}, ValueError, r"eps: expected a positive float"),
-        ({"eps": -1e-5}, ValueError, r"eps: expected a positive float"),
         ({"convention": "caffe"}, ValueError, r"convention: expected one of"),
         ({"num_features": 0}, ValueError, r"num_features: expected a positive int"),
         ({"axis": 0}, ValueError, r"batch axis"),
+        ({"center": True, "bias": False}, ValueError, r"contradict"),
     ],
 )
 def test_bad_module_arguments(kwargs: dict, error: type[Exception], message: str) -> None:
@@ -284,13 +282,38 @@ def test_bad_module_arguments(kwargs: dict, error: type[Exception], message: str
         BatchNorm(**kwargs)
 
 
+def test_textbook_rank_given_positionally_is_refused_with_the_keyword_advice() -> None:
+    # the second positional argument is eps, as in torch.nn.BatchNorm2d
+    with pytest.raises(TypeError, match=r"second positional argument is eps.*num_dims=4"):
+        BatchNorm(6, 4)
+    assert BatchNorm(6, 1e-3).eps == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"momentum": 1.5}, r"momentum: expected a value in \[0, 1\], got 1.5"),
+        ({"momentum": -0.1}, r"momentum: expected a value in \[0, 1\]"),
+        ({"eps": 0.0}, r"eps must be positive"),
+        ({"eps": -1e-5}, r"eps must be positive"),
+    ],
+)
+def test_momentum_and_eps_are_checked_where_used(kwargs: dict, message: str) -> None:
+    bn = BatchNorm(3, **kwargs)  # built as torch builds it; the first training step refuses
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        bn(torch.randn(4, 3))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("weight", r"weight: expected shape \(3,\).*got \(4,\)"),
-        ("bias", r"bias: expected shape \(3,\)"),
-        ("running_mean", r"running_mean: expected shape \(3,\)"),
-        ("running_var", r"running_var: expected shape \(3,\)"),
+        ("weight", r"weight: expected one value per channel.*\(3,\).*got shape \(4,\).*ones\(3\)"),
+        ("bias", r"bias: expected one value per channel.*\(3,\).*zeros\(3\)"),
+        ("running_mean", r"running_mean: expected one value per channel.*\(3,\).*zeros\(3\)"),
+        ("running_var", r"running_var: expected one value per channel.*\(3,\).*ones\(3\)"),
     ],
 )
 def test_functional_rejects_mismatched_per_channel_shapes(name: str, message: str) -> None:
@@ -302,7 +325,7 @@ def test_functional_rejects_mismatched_per_channel_shapes(name: str, message: st
     }
     args[name] = torch.ones(4)
     before = {k: v.clone() for k, v in args.items()}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(MismatchError, match=message):  # a ValueError and a RuntimeError
         batch_norm(
             torch.randn(4, 3),
             args["weight"],
@@ -321,4 +344,5 @@ def test_functional_rejects_half_given_running_stats_and_bad_kernel() -> None:
     with pytest.raises(ValueError, match="impl: expected one of"):
         batch_norm(torch.randn(4, 3), training=True, impl="nope")
     with pytest.raises(ValueError, match="momentum: expected a value in"):
-        batch_norm(torch.randn(4, 3), training=True, momentum=2.0)
+        batch_norm(torch.randn(4, 3), None, None, torch.zeros(3), torch.ones(3), training=True,
+                   momentum=2.0)  # fmt: skip

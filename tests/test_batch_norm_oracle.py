@@ -133,7 +133,9 @@ def test_functional_matches_torch_functional(case: dict, training: bool) -> None
     rm = torch.linspace(-0.5, 0.5, c, dtype=dtype) if case["track"] else None
     rv = torch.linspace(0.5, 2.0, c, dtype=dtype) if case["track"] else None
     before = [None if t is None else t.clone() for t in (rm, rv)]
-    y, new_rm, new_rv = batch_norm(x, w, b, rm, rv, training=training, momentum=momentum)
+    y, new_rm, new_rv = batch_norm(
+        x, w, b, rm, rv, training=training, momentum=momentum, convention="torch"
+    )
     for given_stat, original in zip((rm, rv), before, strict=True):
         assert given_stat is None or torch.equal(given_stat, original)  # nothing mutated
     ref_rm = None if rm is None else rm.clone()

@@ -83,7 +83,7 @@ TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.Batch
 def make_bn(kind: str, channels: int, rank: int, affine: bool) -> nn.Module:
     if kind == "torch":
         return TORCH_BN[rank](channels, affine=affine)
-    return BatchNorm(channels, rank, affine=affine)
+    return BatchNorm(channels, num_dims=rank, affine=affine)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -184,19 +184,19 @@ def build_lenet(norm: str) -> nn.Module:
     except ImportError:  # the chapter's layers, built here if the models package is absent
         return nn.Sequential(
             nn.Conv2d(1, 6, 5),
-            BatchNorm(6, 4) if norm == "bnlab" else nn.BatchNorm2d(6),
+            BatchNorm(6, num_dims=4) if norm == "bnlab" else nn.BatchNorm2d(6),
             nn.Sigmoid(),
             nn.MaxPool2d(2, 2),
             nn.Conv2d(6, 16, 5),
-            BatchNorm(16, 4) if norm == "bnlab" else nn.BatchNorm2d(16),
+            BatchNorm(16, num_dims=4) if norm == "bnlab" else nn.BatchNorm2d(16),
             nn.Sigmoid(),
             nn.MaxPool2d(2, 2),
             nn.Flatten(),
             nn.Linear(256, 120),
-            BatchNorm(120, 2) if norm == "bnlab" else nn.BatchNorm1d(120),
+            BatchNorm(120, num_dims=2) if norm == "bnlab" else nn.BatchNorm1d(120),
             nn.Sigmoid(),
             nn.Linear(120, 84),
-            BatchNorm(84, 2) if norm == "bnlab" else nn.BatchNorm1d(84),
+            BatchNorm(84, num_dims=2) if norm == "bnlab" else nn.BatchNorm1d(84),
             nn.Sigmoid(),
             nn.Linear(84, 10),
         )
@@ -337,7 +337,7 @@ def test_axis_and_rank_rules_for_linear() -> None:
     with torch.no_grad():
         assert rel_err(fold_bn(good, unfolded="raise")(x), good(x)) <= 1e-5
     # BN on axis 1 of a rank-3 input after a Linear: different axes, left alone
-    bad = nn.Sequential(nn.Linear(4, 4), BatchNorm(4, 3)).eval()
+    bad = nn.Sequential(nn.Linear(4, 4), BatchNorm(4, num_dims=3)).eval()
     assert "the Linear writes the last axis" in find_foldable(bad).skipped["1"]
     # a conv followed by a channels-last BN
     conv_last = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNorm(3, axis=-1)).eval()
@@ -436,7 +436,7 @@ def test_remove_bias_keeps_eval_outputs(norm: str) -> None:
 def test_bias_before_bn_cancels_in_training_mode(norm: str) -> None:
     # BN subtracts the batch mean, which contains b: the output and the loss do not depend on b
     gen = torch.Generator().manual_seed(5)
-    bn = BatchNorm(3, 4) if norm == "bnlab" else nn.BatchNorm2d(3)
+    bn = BatchNorm(3, num_dims=4) if norm == "bnlab" else nn.BatchNorm2d(3)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), bn).double().train()
     x = torch.randn(4, 2, 6, 6, generator=gen, dtype=torch.float64)
     outputs = []

@@ -647,7 +647,8 @@ BAD: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     (
         "in-momentum",
-        lambda: instance_norm(X, training=True, momentum=2.0),
+        lambda: instance_norm(X, None, None, torch.zeros(6), torch.ones(6), training=True,
+                              momentum=2.0),  # fmt: skip
         ValueError,
         "momentum: expected a value in",
     ),

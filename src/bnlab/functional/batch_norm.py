@@ -27,6 +27,7 @@ statistics are returned.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -36,12 +37,12 @@ import torch
 from torch import Tensor
 
 from bnlab.functional.checks import (
+    MismatchError,
+    check_batch_norm_eps,
     check_dtype_device,
     check_enough_values,
-    check_eps,
     check_input,
     check_momentum,
-    check_per_channel,
 )
 from bnlab.functional.core import accumulation_dtype, apply_scale_shift, moments, scale_shift
 
@@ -158,30 +159,40 @@ def batch_norm(
     training: bool,
     momentum: MomentumArg = DEFAULT_MOMENTUM,
     eps: float = 1e-5,
-    convention: str | Convention = "torch",
+    convention: str | Convention | None = None,
     num_batches_tracked: int = 0,
     channel_axis: int = 1,
-    impl: str = "fast",
+    impl: str = "auto",
 ) -> BatchNormResult:
     """Normalize ``x`` (N, C, *spatial) per channel; return ``(y, new_mean, new_var)``.
 
     Args:
         x: input with channels on axis 1, rank >= 2, any float dtype; float16/bfloat16 are
             computed in float32 and returned in their own dtype; memory format is kept.
-        weight, bias: γ and β of shape (C,), or None for no affine transform.
-        running_mean, running_var: running estimates (C,), or both None to always use batch
-            statistics (PyTorch's ``track_running_stats=False``).
+        weight, bias: γ and β with C values, or None for no affine transform.
+        running_mean, running_var: running estimates with C values, or both None to always use
+            batch statistics (PyTorch's ``track_running_stats=False``). The new estimates are
+            returned in the shape these came in.
         training: batch statistics (and an updated running estimate) if True; running
             statistics if False.
         momentum: in the meaning of ``convention`` (module docstring); None for a cumulative
             average over ``num_batches_tracked + 1`` batches; by default the convention's own.
-        eps: added to the variance before the square root.
-        convention: "torch" (default), "d2l", "mxnet", "keras", "flax" or a ``Convention``.
+            Checked (a float in [0, 1]) only where it is used: training with running statistics.
+        eps: added to the variance before the square root; > 0 where batch statistics are
+            used, >= 0 with running statistics (as ``torch.nn.functional.batch_norm``).
+        convention: "torch" (the default), "d2l", "mxnet", "keras", "flax" or a ``Convention``.
+            Left out, a momentum above 0.5 warns: it looks like a decay-style momentum.
         num_batches_tracked: batches already averaged in (used only when momentum is None).
         channel_axis: the channel axis (1 as in PyTorch; -1 for channels-last data laid out
             as (N, H, W, C), as Keras/Flax default to).
-        impl: training kernel: "fast" (analytic backward, eager; bnlab.functional.fast), "reference"
-            (the readable path through autograd), or another registered one.
+        impl: the kernel (docs/speed.md): "auto" (default: the C++ kernel "native" for CPU
+            tensors where it is built, else "fast"), "native", "fast" (analytic backward in
+            eager PyTorch operations; bnlab.functional.fast), "reference" (the readable path
+            through autograd), or another registered one.
+
+    Per-channel tensors are (C,) as in PyTorch, or any shape that broadcasts against ``x`` as
+    one value per channel, such as the chapter's (1, C) and (1, C, 1, 1). An empty batch gives
+    an empty output and leaves the running statistics as they were, as in PyTorch.
     """
     check_input(x)
     axis = channel_axis_index(channel_axis, x.ndim)
@@ -202,49 +213,61 @@ def batch_norm(
         return BatchNormResult(y.movedim(1, axis), new_mean, new_var)
     num_channels = x.shape[1]
     per_channel, device = (num_channels,), x.device
-    for name, t in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        # the common valid case in one test (this runs every step); the checks word the errors
-        if t is not None and not (
-            isinstance(t, Tensor) and t.shape == per_channel and t.device == device
-        ):
-            check_per_channel(t, name, num_channels)
-            check_dtype_device(x, t, name)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(
-            "running_mean and running_var: expected both tensors or both None, got "
-            f"running_mean={'None' if running_mean is None else 'tensor'}, "
-            f"running_var={'None' if running_var is None else 'tensor'}."
+    stats_shape = running_mean.shape if isinstance(running_mean, Tensor) else None
+    # the common valid case in one test (this runs every step); per_channel_view words the errors
+    if not all(
+        t is None
+        or (
+            isinstance(t, Tensor)
+            and t.shape == per_channel
+            and t.device == device
+            and t.is_floating_point()
         )
-    check_eps(eps)
-    conv = get_convention(convention)
-    m = resolve_momentum(momentum, conv)
+        for t in (weight, bias, running_mean, running_var)
+    ):
+        weight = per_channel_view(weight, "weight", x)
+        bias = per_channel_view(bias, "bias", x)
+        running_mean = per_channel_view(running_mean, "running_mean", x)
+        running_var = per_channel_view(running_var, "running_var", x)
+    if (running_mean is None) != (running_var is None):
+        raise MismatchError(
+            "running_mean and running_var: expected both tensors or both None, got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'}, "
+            f"running_var={'None' if running_var is None else 'a tensor'}."
+        )
     tracking = running_mean is not None and running_var is not None
+    batch_stats = training or not tracking
+    check_batch_norm_eps(eps, batch_statistics=batch_stats)
+    conv = get_convention("torch" if convention is None else convention)
 
-    if tracking and not training:
+    if not batch_stats:
         assert running_mean is not None and running_var is not None  # for the type checker
         eval_kernel = EVAL_KERNELS.get(impl)
         y_fused = None
-        if eval_kernel is not None:
+        if eval_kernel is not None and x.numel():  # an empty batch needs no kernel
             y_fused = eval_kernel(x, running_mean, running_var, weight, bias, eps)
         if y_fused is not None:
-            return BatchNormResult(y_fused, running_mean, running_var)
+            return _result(y_fused, running_mean, running_var, stats_shape)
         acc = accumulation_dtype(x.dtype)
         scale, shift = scale_shift(running_mean.to(acc), running_var.to(acc), eps, weight, bias)
-        return BatchNormResult(apply_scale_shift(x, scale, shift), running_mean, running_var)
+        y = apply_scale_shift(x, scale, shift)
+        return _result(y, running_mean, running_var, stats_shape)
 
-    count = x.numel() // num_channels
-    check_enough_values(x, count, "N" if x.ndim == 2 else "N and the spatial axes")
-    try:
-        kernel = TRAIN_KERNELS[impl]
-    except KeyError:
-        raise ValueError(f"impl: expected one of {sorted(TRAIN_KERNELS)}, got {impl!r}.") from None
+    update = training and tracking
+    m = resolve_momentum(momentum, conv) if update else None
+    if update and convention is None and m is not None and m > 0.5:
+        warn_decay_like_momentum(m)
+    check_impl(impl)
+    count = x.numel() // num_channels if num_channels else 0
+    if count == 0:  # an empty batch: nothing to normalize, the running statistics stay
+        y = _affine_only(x, weight, bias)
+        return _result(y, running_mean, running_var, stats_shape)
+    check_enough_values(
+        x, count, "N" if x.ndim == 2 else "N and the spatial axes", running_stats=tracking
+    )
+    kernel = TRAIN_KERNELS[impl]
     updating = UPDATING_KERNELS.get(impl)
-    if tracking and updating is not None:
+    if update and updating is not None:
         assert running_mean is not None and running_var is not None
         fused = updating(
             x,
@@ -257,10 +280,10 @@ def batch_norm(
             conv.unbiased_running_var,
         )
         if fused is not None:
-            return BatchNormResult(*fused)
+            return _result(*fused, stats_shape)
     y, mean, var = kernel(x, weight, bias, eps)
-    if not (tracking and training):
-        return BatchNormResult(y, running_mean, running_var)
+    if not update:
+        return _result(y, running_mean, running_var, stats_shape)
 
     assert running_mean is not None and running_var is not None
     new_mean, new_var = running_update(
@@ -273,7 +296,72 @@ def batch_norm(
         momentum=m,
         num_batches_tracked=num_batches_tracked,
     )
-    return BatchNormResult(y, new_mean, new_var)
+    return _result(y, new_mean, new_var, stats_shape)
+
+
+def _result(
+    y: Tensor, mean: Tensor | None, var: Tensor | None, shape: torch.Size | None
+) -> BatchNormResult:
+    """The result, with the running statistics in the shape they were passed in."""
+    if shape is None or mean is None or var is None or mean.shape == shape:
+        return BatchNormResult(y, mean, var)
+    return BatchNormResult(y, mean.reshape(shape), var.reshape(shape))
+
+
+def _affine_only(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """γ·x + β for an empty batch: an empty output in x's dtype, and zero gradients for γ and β
+    (sums over no values), as PyTorch gives."""
+    acc = accumulation_dtype(x.dtype)
+    ones = torch.ones(x.shape[1], dtype=acc, device=x.device)
+    scale = ones if weight is None else weight
+    shift = torch.zeros_like(ones) if bias is None else bias
+    return apply_scale_shift(x, scale, shift)
+
+
+def per_channel_view(t: Tensor | None, name: str, x: Tensor) -> Tensor | None:
+    """``t`` as a (C,) view for input ``x``: PyTorch's (C,), or a shape that broadcasts against
+    ``x`` as one value per channel (the chapter's (1, C) and (1, C, 1, 1)); else a clear error."""
+    if t is None:
+        return None
+    num_channels = x.shape[1]
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            f"{name}: expected a torch.Tensor with {num_channels} values, got {type(t).__name__}."
+        )
+    if t.shape != (num_channels,):
+        padded = (1,) * (x.ndim - t.ndim) + tuple(t.shape)
+        if len(padded) != x.ndim or padded[1] != num_channels or t.numel() != num_channels:
+            chapter = (1, num_channels, *([1] * (x.ndim - 2)))
+            fresh = "torch.zeros" if name in ("bias", "running_mean") else "torch.ones"
+            raise MismatchError(
+                f"{name}: expected one value per channel of the input's {num_channels} channels "
+                f"(axis 1 of shape {tuple(x.shape)}): shape ({num_channels},), or "
+                f"{chapter} as the chapter's code has it; got shape {tuple(t.shape)}. Pass a "
+                f"{name} with {num_channels} values, e.g. {fresh}({num_channels})."
+            )
+        t = t.reshape(num_channels)
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name}: expected a floating-point tensor, got dtype {t.dtype}; it holds "
+            f"{'running averages' if name.startswith('running') else 'learned values'}. "
+            f"Convert it first, e.g. {name}.float()."
+        )
+    check_dtype_device(x, t, name)
+    return t
+
+
+def warn_decay_like_momentum(momentum: float) -> None:
+    """momentum > 0.5 in PyTorch's convention, without the convention named: a likely mix-up."""
+    warnings.warn(
+        f"batch_norm: momentum={momentum} is read in PyTorch's convention, as the weight of the "
+        f"new batch, so the running statistics keep only {1 - momentum:.3g} of their past. If "
+        f"{momentum} is meant as the decay of the old value (the chapter, MXNet, Keras, Flax), "
+        "pass convention='d2l' (or 'mxnet', 'keras', 'flax'); PyTorch's equivalent is "
+        f"momentum={1 - momentum:.3g}. Pass convention='torch' to keep this meaning without "
+        "the warning.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def running_update(
@@ -310,6 +398,15 @@ def channel_axis_index(channel_axis: int, ndim: int) -> int:
             f"rank-{ndim} input, got {channel_axis}. Axis 0 is the batch axis."
         )
     return channel_axis % ndim
+
+
+def check_impl(impl: str) -> None:
+    """A ValueError naming the registered kernels unless ``impl`` is one of them."""
+    if impl not in TRAIN_KERNELS:
+        raise ValueError(
+            f"impl: expected one of {sorted(TRAIN_KERNELS)}, got {impl!r}. "
+            "The default, 'auto', picks the fastest one available."
+        )
 
 
 def register_train_kernel(name: str, kernel: TrainKernel) -> None:

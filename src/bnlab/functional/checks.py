@@ -6,6 +6,14 @@ from __future__ import annotations
 from torch import Tensor
 
 
+class MismatchError(ValueError, RuntimeError):
+    """An input that does not fit the others: a wrong channel count, per-channel shape or device.
+
+    A ``ValueError``, as every bnlab input error, and a ``RuntimeError``, as PyTorch raises for
+    the same mistakes, so code written for either catches it.
+    """
+
+
 def check_float(x: Tensor, name: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(
@@ -38,11 +46,15 @@ def check_per_channel(t: Tensor | None, name: str, num_channels: int) -> None:
             f"{name}: expected a torch.Tensor of shape ({num_channels},), got {type(t).__name__}."
         )
     if tuple(t.shape) != (num_channels,):
-        raise ValueError(
+        raise MismatchError(
             f"{name}: expected shape ({num_channels},) to match the input's {num_channels} "
-            f"channels (axis 1), got {tuple(t.shape)}. Build the layer with "
-            f"num_features={num_channels}, or pass an input with {t.numel()} channels."
+            f"channels (axis 1), got {tuple(t.shape)}. Pass a {name} with {num_channels} values, "
+            f"e.g. {_FRESH.get(name, 'torch.ones')}({num_channels})."
         )
+
+
+# what a fresh per-channel tensor of each name holds, for the error messages
+_FRESH = {"bias": "torch.zeros", "running_mean": "torch.zeros", "beta": "torch.zeros"}
 
 
 def check_momentum(momentum: float | None) -> None:
@@ -68,25 +80,58 @@ def check_eps(eps: float) -> None:
         )
 
 
-def check_enough_values(x: Tensor, count: int, reduced: str) -> None:
-    if count <= 1:
+def check_batch_norm_eps(eps: float, *, batch_statistics: bool) -> None:
+    """eps as ``torch.nn.functional.batch_norm`` takes it: > 0 where batch statistics are used
+    (a constant channel has variance 0), >= 0 with running statistics."""
+    if isinstance(eps, bool) or not isinstance(eps, int | float):
+        raise TypeError(f"eps: expected a positive float such as 1e-5, got {eps!r}.")
+    if batch_statistics and not eps > 0:
         raise ValueError(
-            f"expected more than 1 value per channel to compute batch statistics, got input "
-            f"shape {tuple(x.shape)} ({count} value per channel over {reduced}). With one value "
-            "the normalized output is always 0 and nothing can be learned. Use a batch of at "
-            "least 2, or call .eval() to normalize with the running statistics."
+            f"batch_norm eps must be positive when normalizing with batch statistics (a "
+            f"constant channel has variance 0 and 1/sqrt(0 + eps) must stay finite), got {eps}. "
+            "Use e.g. eps=1e-5."
         )
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, got {eps}. Use e.g. eps=1e-5.")
+
+
+def check_enough_values(x: Tensor, count: int, reduced: str, *, running_stats: bool = True) -> None:
+    """More than one value per channel, or batch statistics are meaningless. ``running_stats``
+    says whether normalizing with running statistics instead is possible (the advice)."""
+    if count > 1:
+        return
+    shape = tuple(x.shape)
+    if count == 0:
+        raise ValueError(
+            f"expected more than 1 value per channel to compute batch statistics, got an empty "
+            f"input of shape {shape} (no values per channel over {reduced}). Leave empty "
+            "batches out before this layer."
+        )
+    fix = (
+        "Use a batch of at least 2, or normalize with the running statistics instead "
+        "(training=False; for a layer, .eval())."
+        if running_stats
+        else "Use a batch of at least 2: there are no running statistics to normalize with "
+        "instead (track_running_stats=False)."
+    )
+    raise ValueError(
+        f"expected more than 1 value per channel to compute batch statistics, got input "
+        f"shape {shape} (1 value per channel over {reduced}). A single value is its own mean, "
+        f"so it always normalizes to 0 and nothing can be learned. {fix}"
+    )
 
 
 def check_dtype_device(x: Tensor, t: Tensor | None, name: str) -> None:
     if t is not None and t.device != x.device:
-        raise ValueError(
+        raise MismatchError(
             f"{name}: expected it on the input's device {x.device}, got {t.device}. "
             f"Move the module or tensor with .to({str(x.device)!r})."
         )
 
 
 __all__ = [
+    "MismatchError",
+    "check_batch_norm_eps",
     "check_dtype_device",
     "check_enough_values",
     "check_eps",

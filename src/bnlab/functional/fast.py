@@ -201,7 +201,9 @@ def _backward_math(
     acc = accumulation_dtype(v.dtype)
     n = v.numel() // v.shape[1]
     rows = layout == "rows"
-    record = torch.is_grad_enabled()
+    # out of place with autograd recording, and for a batched dy (is_grads_batched=True: a
+    # hidden batch axis that x's tensors cannot take in place)
+    record = torch.is_grad_enabled() or _is_batched(dy)
     dya = dy.to(acc)
     xc = v.to(acc) - (mean if rows else mean.view(1, -1, 1))
     if rows and groups > 1:
@@ -311,7 +313,7 @@ def _ready(case: CaseStats, policy: Policy, build: Callable[[], Callable[..., An
             _warned_compile = True
             warnings.warn(
                 f"bnlab fast batch norm: compiling a kernel failed ({type(e).__name__}: {e}); "
-                "using the eager kernels. Pass impl='fast_eager' to skip compilation.",
+                "using the eager kernels. Pass impl='fast' to skip compilation.",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -455,7 +457,9 @@ class _FastBatchNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: keep the graph of the backward
             dx, dw, db = _backward_differentiable(dy, x, weight, ctx.eps)
         else:
-            dx, dw, db = _backward(dy, x, mean, invstd, weight, ctx.policy)
+            # a batched dy (is_grads_batched=True) cannot enter a compiled kernel: eager math
+            policy: Policy = "eager" if _is_batched(dy) else ctx.policy
+            dx, dw, db = _backward(dy, x, mean, invstd, weight, policy)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,
@@ -464,6 +468,12 @@ class _FastBatchNorm(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _is_batched(t: Tensor) -> bool:
+    """``t`` carries the hidden batch axis of ``torch.autograd.grad(..., is_grads_batched=True)``
+    (a vmap over the backward pass)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 def fallback_needed() -> bool:

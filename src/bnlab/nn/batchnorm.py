@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from bnlab.functional import native
 from bnlab.functional.batch_norm import (
     DEFAULT_MOMENTUM,
     MomentumArg,
     batch_norm,
     channel_axis_index,
+    check_impl,
     get_convention,
-    resolve_momentum,
 )
-from bnlab.functional.checks import check_eps, check_input
+from bnlab.functional.checks import MismatchError, check_input
 
 
 class BatchNorm(nn.Module):
@@ -26,16 +27,22 @@ class BatchNorm(nn.Module):
     inputs of any rank >= 2; :func:`bnlab.functional.batch_norm` holds the formulas and the
     momentum conventions, this class only keeps the state.
 
-    ``BatchNorm(num_features=None)`` infers C from the first input, like the chapter's
-    built-in layer and ``torch.nn.LazyBatchNorm2d``; ``BatchNorm(C, num_dims)`` is the textbook
-    signature, where ``num_dims`` (2 or 4, or any rank) checks the input's rank.
+    A drop-in for ``torch.nn.BatchNorm1d/2d/3d``: the same arguments in the same order
+    (``num_features, eps, momentum, affine, track_running_stats, device, dtype``, keyword-only
+    ``bias``), attributes, ``forward(input)``, errors (a wrong size is a ``MismatchError``, both
+    a ``ValueError`` and a ``RuntimeError``) and state dict (``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``num_batches_tracked``), which loads into torch's
+    classes and back; docs/conventions.md lists the few deliberate differences.
 
-    The state dict (``weight``, ``bias``, ``running_mean``, ``running_var``,
-    ``num_batches_tracked``) loads into ``torch.nn.BatchNorm1d/2d/3d`` and back.
+    ``BatchNorm(num_features=None)`` infers C from the first input, like the chapter's
+    built-in layer and ``torch.nn.LazyBatchNorm2d``; ``BatchNorm(C, num_dims=4)`` is the
+    textbook's signature, where ``num_dims`` (2 or 4, or any rank) checks the input's rank.
+    ``gamma`` and ``beta`` are the chapter's names for ``weight`` and ``bias``.
 
     Options other frameworks document (docs/conventions.md maps them):
         scale, center: learn γ / β separately (Keras ``scale``/``center``, Flax
             ``use_scale``/``use_bias``); both default to ``affine``.
+        bias: False for no β, keeping γ (torch 2.13's ``bias=False``).
         fixed_affine: γ and β are buffers, not parameters: kept at their values (1 and 0 unless
             loaded or set) and never trained (the chapter's exercise 5; MXNet ``fix_gamma``).
         use_global_stats: normalize with the running statistics in training too, and do not
@@ -44,9 +51,11 @@ class BatchNorm(nn.Module):
         skip_nonfinite: keep a batch whose statistics are NaN/Inf out of the running estimates
             (one warning per layer); the default, as PyTorch, updates regardless.
 
-    ``impl`` picks the kernel (docs/speed.md): "fast" (default: eager PyTorch operations, no
-    compiler), "native" (fused C++ for CPU tensors, the fastest; compiled once per machine on
-    first use), "fast_compiled"/"fast_auto" (inductor), or "reference" (the readable math).
+    ``impl`` picks the kernel (docs/speed.md): "auto" (default: "native" for CPU tensors where
+    ``bnlab build`` has built it, else "fast"), "native" (fused C++ for CPU tensors, the
+    fastest; a training step is one C++ call that also updates the running statistics in
+    place), "fast" (eager PyTorch operations), "fast_compiled"/"fast_auto" (inductor), or
+    "reference" (the readable math). An unknown name fails here, listing the names.
     """
 
     _version = 2  # same state-dict version as torch's _NormBase, so both load each other's
@@ -71,12 +80,15 @@ class BatchNorm(nn.Module):
     def __init__(
         self,
         num_features: int | None = None,
-        num_dims: int | None = None,
-        *,
         eps: float = 1e-5,
         momentum: MomentumArg = DEFAULT_MOMENTUM,
         affine: bool = True,
         track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        num_dims: int | None = None,
         convention: str = "torch",
         scale: bool | None = None,
         center: bool | None = None,
@@ -84,11 +96,16 @@ class BatchNorm(nn.Module):
         use_global_stats: bool = False,
         axis: int = 1,
         skip_nonfinite: bool = False,
-        impl: str = "fast",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if type(eps) is int and eps >= 2:
+            raise TypeError(
+                f"BatchNorm({num_features}, {eps}): the second positional argument is eps, as "
+                f"in torch.nn.BatchNorm2d(num_features, eps, momentum, ...), and eps={eps} is "
+                f"surely not meant. For the input rank (the chapter's num_dims) write "
+                f"BatchNorm({num_features}, num_dims={eps})."
+            )
         if num_features is not None and (
             isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1
         ):
@@ -111,20 +128,27 @@ class BatchNorm(nn.Module):
                 "use_global_stats=True needs running statistics; got "
                 "track_running_stats=False. Set track_running_stats=True."
             )
-        check_eps(eps)
-        self.convention = get_convention(convention).name
-        self.momentum = resolve_momentum(momentum, get_convention(convention))
+        if center and not bias:
+            raise ValueError(
+                "center=True and bias=False contradict each other: both say whether β is "
+                "learned. Pass only one of them."
+            )
+        conv = get_convention(convention)
+        self.convention = conv.name
+        # eps and momentum are checked where they are used, in forward, as torch does
+        self.momentum = conv.default_momentum if momentum is DEFAULT_MOMENTUM else momentum
         self.num_features = num_features
         self.num_dims = num_dims
         self.eps = eps
         self.scale = affine if scale is None else scale
-        self.center = affine if center is None else center
-        self.affine = self.scale and self.center  # torch's attribute: both γ and β exist
+        self.center = (affine and bias) if center is None else center
+        self.affine = self.scale  # torch's attribute: γ exists (β too unless bias=False)
         self.fixed_affine = fixed_affine
         self.track_running_stats = track_running_stats
         self.use_global_stats = use_global_stats
         self.axis = axis
         self.skip_nonfinite = skip_nonfinite
+        check_impl(impl)
         self.impl = impl
         self._warned_nonfinite = False
         fk: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -178,24 +202,41 @@ class BatchNorm(nn.Module):
         extras = [
             f"{k}={v!r}"
             for k, v, default in (
-                ("scale", self.scale, True),
-                ("center", self.center, True),
                 ("fixed_affine", self.fixed_affine, False),
                 ("use_global_stats", self.use_global_stats, False),
                 ("axis", self.axis, 1),
                 ("skip_nonfinite", self.skip_nonfinite, False),
-                ("impl", self.impl, "fast"),
+                ("num_dims", self.num_dims, None),
+                ("impl", self.impl, "auto"),
             )
-            if v != default and not (k in ("scale", "center") and self.scale == self.center)
+            if v != default
         ]
         return ", ".join(
             [
                 f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}, "
                 f"convention={self.convention!r}",
                 *extras,
             ]
         )
+
+    # the chapter's names for γ and β: read and assigned as weight and bias (same tensors,
+    # state-dict keys unchanged)
+    _ALIASES: ClassVar[dict[str, str]] = {"gamma": "weight", "beta": "bias"}
+
+    @property
+    def gamma(self) -> Tensor | None:
+        """γ, the chapter's name for ``weight``."""
+        return self.weight
+
+    @property
+    def beta(self) -> Tensor | None:
+        """β, the chapter's name for ``bias``."""
+        return self.bias
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(self._ALIASES.get(name, name), value)
 
     def _check_input(self, x: Tensor) -> int:
         """Validate ``x`` and return its channel axis as a non-negative index."""
@@ -207,7 +248,7 @@ class BatchNorm(nn.Module):
             )
         axis = channel_axis_index(self.axis, x.ndim)
         if self.num_features is not None and x.shape[axis] != self.num_features:
-            raise ValueError(
+            raise MismatchError(
                 f"expected {self.num_features} channels on axis {self.axis} (num_features="
                 f"{self.num_features}), got input shape {tuple(x.shape)} with {x.shape[axis]}. "
                 "Check the previous layer's output channels, or build the layer with "
@@ -215,21 +256,27 @@ class BatchNorm(nn.Module):
             )
         return axis
 
-    def forward(self, x: Tensor) -> Tensor:
-        axis = self._check_input(x)
+    def forward(self, input: Tensor) -> Tensor:
+        y_native = native.layer_forward(self, input)  # one C++ call (checks, kernel, buffers)
+        if y_native is not None:
+            return y_native
+        axis = self._check_input(input)
         batch_stats = self.training and not self.use_global_stats
         update = batch_stats and self.track_running_stats
+        # as torch: in training, running statistics go in only when they are being tracked
+        # (track_running_stats may be switched off after construction)
+        keep = not batch_stats or self.track_running_stats
         batches_seen = (
             int(self.num_batches_tracked)
             if (update and self.momentum is None and self.num_batches_tracked is not None)
             else 0
         )
         y, new_mean, new_var = batch_norm(
-            x,
+            input,
             self.weight,
             self.bias,
-            self.running_mean,
-            self.running_var,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
             training=batch_stats,
             momentum=self.momentum,
             eps=self.eps,
@@ -238,8 +285,7 @@ class BatchNorm(nn.Module):
             channel_axis=axis,
             impl=self.impl,
         )
-        if update:
-            assert new_mean is not None and new_var is not None
+        if update and new_mean is not None and new_var is not None:
             self._store_running_stats(new_mean, new_var)
         return y
 
@@ -278,19 +324,25 @@ class BatchNorm(nn.Module):
         error_msgs: list[str],
     ) -> None:
         if self.track_running_stats:
-            add_missing_batch_count(state_dict, prefix, local_metadata)
+            add_missing_batch_count(state_dict, prefix, local_metadata, self.num_batches_tracked)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
 
 def add_missing_batch_count(
-    state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    current: Tensor | None = None,
 ) -> None:
-    """Old (version < 2) torch BN checkpoints have no num_batches_tracked: start it at 0."""
+    """A state dict without num_batches_tracked (old, version < 2, torch checkpoints; a partial
+    dict loaded with strict=False) keeps the module's ``current`` count, as torch does; 0 where
+    there is none (or it is on the meta device)."""
     key = prefix + "num_batches_tracked"
     if (local_metadata.get("version") or 0) < 2 and key not in state_dict:
-        state_dict[key] = torch.tensor(0, dtype=torch.long)
+        keep = current is not None and current.device.type != "meta"
+        state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
 
 
 class LazyBatchNorm(LazyModuleMixin, BatchNorm):
@@ -298,10 +350,10 @@ class LazyBatchNorm(LazyModuleMixin, BatchNorm):
 
     cls_to_become = BatchNorm
 
-    def initialize_parameters(self, x: Tensor) -> None:  # type: ignore[override]
+    def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
         if not self.has_uninitialized_params():
             return
-        self.num_features = int(x.shape[self._check_input(x)])
+        self.num_features = int(input.shape[self._check_input(input)])
         with torch.no_grad():
             for t in (self.weight, self.bias, self.running_mean, self.running_var):
                 if t is not None:

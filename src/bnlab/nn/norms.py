@@ -426,7 +426,7 @@ class BatchRenorm(LazyByDefault, BatchNorm):
         self.limits(0)  # validates the step counts before anything is built
         super().__init__(
             num_features,
-            num_dims,
+            num_dims=num_dims,
             eps=eps,
             momentum=momentum,
             affine=affine,
@@ -510,7 +510,7 @@ class GhostBatchNorm(LazyByDefault, BatchNorm):
         self.virtual_batch_size = virtual_batch_size
         super().__init__(
             num_features,
-            num_dims,
+            num_dims=num_dims,
             eps=eps,
             momentum=momentum,
             affine=affine,
