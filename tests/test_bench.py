@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from pathlib import Path
@@ -24,26 +23,34 @@ TINY = BenchConfig(
     min_sample_s=0.0,
     compiled=False,
     native=True,
-    lenet_norms=("bnlab", "bnlab_native", "torch", "none"),
+    lenet_norms=("bnlab", "bnlab_fast", "bnlab_native", "torch", "none"),
     lenet_images=96,
     lenet_rounds=1,
     batch_size=64,
+    threads=(1, 2),
+    first_step=False,
 )
+CASES = [
+    ((8, 3, 4, 4), "contiguous", "train"),
+    ((8, 3, 4, 4), "contiguous", "eval"),
+    ((8, 3, 4, 4), "channels_last", "train"),
+    ((8, 3, 4, 4), "channels_last", "eval"),
+    ((16, 5), "contiguous", "train"),
+    ((16, 5), "contiguous", "eval"),
+]
 
 
 def test_tiny_run_has_every_case_and_contender() -> None:
     lines: list[str] = []
+    threads = torch.get_num_threads()
     result = run_benchmark(TINY, progress=lines.append)
-    # (8,3,4,4): contiguous and channels_last, train and eval; (16,5): train and eval
-    cases = [(k.shape, k.layout, k.mode) for k in result.kernels]
-    assert cases == [
-        ((8, 3, 4, 4), "contiguous", "train"),
-        ((8, 3, 4, 4), "contiguous", "eval"),
-        ((8, 3, 4, 4), "channels_last", "train"),
-        ((8, 3, 4, 4), "channels_last", "eval"),
-        ((16, 5), "contiguous", "train"),
-        ((16, 5), "contiguous", "eval"),
-    ]
+    assert torch.get_num_threads() == threads  # restored
+    # per thread count: (8,3,4,4) contiguous and channels_last, train and eval; (16,5)
+    for rows in (result.modules, result.kernels):
+        cases = [(k.threads, k.shape, k.layout, k.mode) for k in rows]
+        assert cases == [(n, *c) for n in (1, 2) for c in CASES]
+    for k in result.modules:
+        assert set(k.times) == {"bnlab", "bnlab_fast", "torch"}
     for k in result.kernels:
         expected = (
             {"fast", "native", "reference", "naive", "torch", "floor", "floor_alloc"}
@@ -51,93 +58,139 @@ def test_tiny_run_has_every_case_and_contender() -> None:
             else {"bnlab", "native", "naive", "torch", "floor", "floor_alloc"}
         )
         assert set(k.times) == expected
+    for k in (*result.modules, *result.kernels):
         assert k.ratio("torch") == 1.0
         for t in k.times.values():
             assert t.samples == 3 and t.median_s > 0 and t.q1_s <= t.median_s <= t.q3_s
-    assert [e.norm for e in result.lenet] == ["bnlab", "bnlab_native", "torch", "none"]
+    norms = ["bnlab", "bnlab_fast", "bnlab_native", "torch", "none"]
+    assert [(e.threads, e.norm) for e in result.lenet] == [(n, m) for n in (1, 2) for m in norms]
     assert all(len(e.seconds) == 1 and e.seconds[0] > 0 for e in result.lenet)
-    # one line for the native build, then one per case and per epoch
-    assert lines[0].startswith("native kernel: ")
-    assert len(lines) == 1 + len(result.kernels) + len(result.lenet)
-    assert result.native is not None and result.native.available
+    # one line for the native kernel's load, then one per case and per epoch
+    assert lines[0].startswith("native kernel: loaded from its build")
+    assert len(lines) == 1 + len(result.modules) + len(result.kernels) + len(result.lenet)
+    assert result.native is not None and result.native.available and result.native.was_cached
 
     data = json.loads(json.dumps(result.to_json()))  # JSON-serializable as is
-    assert {"date", "cpu", "cores", "torch", "torch_threads", "device"} <= set(data["machine"])
+    assert {"date", "cpu", "cores", "torch", "device"} <= set(data["machine"])
     assert data["machine"]["torch"] == torch.__version__
-    assert len(data["kernels"]) == 6 and len(data["lenet"]) == 4
-    # the build is reported, whether compiled now or loaded from the disk cache
+    assert len(data["modules"]) == len(data["kernels"]) == 12 and len(data["lenet"]) == 10
     nat = data["native"]
-    assert nat["available"] is True and nat["error"] is None
+    assert nat["available"] is True and nat["error"] is None and nat["path"]
     assert isinstance(nat["build_s"], float) and nat["build_s"] >= 0
-    assert isinstance(nat["was_cached"], bool) and isinstance(nat["loaded_before"], bool)
     assert nat["cache_limit_bytes"] == native.output_cache_info()["limit_bytes"]
-    row = data["kernels"][0]
-    assert row["ratio_to_torch"]["torch"] == 1.0
+    row = data["modules"][0]
+    assert row["ratio_to_torch"]["torch"] == 1.0 and row["threads"] == 1
     assert math.isclose(
-        row["ratio_to_torch"]["fast"],
-        row["times"]["fast"]["median_s"] / row["times"]["torch"]["median_s"],
+        row["ratio_to_torch"]["bnlab"],
+        row["times"]["bnlab"]["median_s"] / row["times"]["torch"]["median_s"],
     )
-    names = [g["name"] for g in data["goals"]]
-    # the LeNet and large-shape goals need those shapes; these tiny ones give only the others
-    assert names == [
-        "training fwd+bwd, fast, every case",
-        "training fwd+bwd, native, every case",
-        "eval forward, bnlab, every case",
-        "eval forward, native, every case",
-        "BN-LeNet epoch, bnlab",
-        "BN-LeNet epoch, bnlab_native",
+    goals = [(g["name"], g["threads"]) for g in data["goals"]]
+    # the LeNet-mean and large-shape goals need those shapes; these tiny ones give the others
+    per_thread = [
+        "layer training fwd+bwd, default BatchNorm, every case",
+        "layer eval, default BatchNorm, every case",
+        "BN-LeNet epoch, default BatchNorm",
+        "function training fwd+bwd, native, every case",
+        "function eval, native, every case",
     ]
+    assert goals == [(name, n) for n in (1, 2) for name in per_thread]
     assert all(isinstance(g["met"], bool) for g in data["goals"])
 
     table = result.to_markdown()
-    for heading in ("## Training", "## Eval", "## BN-LeNet training epoch", "## Goals"):
+    for heading in (
+        "## 1 thread",
+        "## 2 threads",
+        "### Layers, training",
+        "### Layers, eval",
+        "### Functions, training",
+        "### Functions, eval",
+        "### BN-LeNet training epoch",
+        "## Goals",
+    ):
         assert heading in table
     assert "| 8×3×4×4 | channels_last |" in table and "| 16×5 | contiguous |" in table
-    assert 'Native kernel (impl="native"): ' in table and " s" in table
-    assert "| shape | layout | fast | native | reference |" in table  # training
-    assert "| shape | layout | bnlab | native | naive |" in table  # eval
+    assert 'the default kernel (impl="auto") is the C++ kernel' in table
+    assert "| shape | layout | bnlab | bnlab_fast | torch |" in table  # layers
+    assert "| shape | layout | native | fast | reference |" in table  # training functions
+    assert "| shape | layout | native | bnlab | naive |" in table  # eval functions
     assert "| bnlab_native |" in table
 
 
-def test_native_build_failure_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    @functools.cache
-    def broken() -> object:
-        raise native.NativeBuildError("bnlab: could not build the native kernel (no g++)")
+def test_layers_run_what_users_build() -> None:
+    """The timed layers: bnlab's default, its eager kernel, and torch's own class per rank."""
+    from bnlab.bench.modules import layers
 
-    monkeypatch.setattr(native, "build_native", broken)
+    built = layers(6, 4)
+    assert built["bnlab"].impl == "auto" and built["bnlab_fast"].impl == "fast"
+    assert type(built["torch"]) is torch.nn.BatchNorm2d
+    assert type(layers(6, 2)["torch"]) is torch.nn.BatchNorm1d
+
+
+def test_first_step_runs_in_a_fresh_process() -> None:
+    from bnlab.bench.startup import first_step
+
+    step = first_step()
+    assert step.native and not step.compiled and step.seconds > 0
+    result = run_benchmark(
+        dataclasses.replace(TINY, shapes=((6, 2),), lenet_images=0, threads=(1,))
+    )
+    result.first_step = step
+    goal = result.goals()[0]
+    assert goal.name.startswith("first training step") and goal.threads is None
+    assert "nothing compiled" in goal.value
+
+
+def test_missing_native_build_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_load", None)
+    monkeypatch.setattr(native, "_unavailable", "no build in /nowhere")
     result = run_benchmark(dataclasses.replace(TINY, shapes=((6, 2),), lenet_images=64))
     assert result.native is not None and not result.native.available
-    assert result.native.error is not None and "no g++" in result.native.error
+    assert result.native.error is not None and "no build in /nowhere" in result.native.error
+    assert "bnlab build" in result.native.error
     assert all("native" not in k.times for k in result.kernels)
-    assert [e.norm for e in result.lenet] == ["bnlab", "torch", "none"]
+    assert [e.norm for e in result.lenet if e.threads == 1] == [
+        "bnlab",
+        "bnlab_fast",
+        "torch",
+        "none",
+    ]
     data = json.loads(json.dumps(result.to_json()))
-    assert data["native"]["available"] is False and "no g++" in data["native"]["error"]
-    assert {"name": "native kernel measured", "met": False}.items() <= data["goals"][0].items()
+    assert data["native"]["available"] is False and "/nowhere" in data["native"]["error"]
+    assert {
+        "name": "C++ kernel available (the default's kernel on the CPU)",
+        "met": False,
+    }.items() <= data["goals"][0].items()
     table = result.to_markdown()
-    assert "unavailable: bnlab: could not build the native kernel (no g++)" in table
-    assert "| shape | layout | fast | native | reference |" in table
-    assert "| 6×2 | contiguous | " in table and "| unavailable |" in table
+    assert "unavailable: no build in /nowhere" in table
+    assert 'the default kernel (impl="auto") is the eager kernel ("fast") here' in table
+    assert "| shape | layout | native | fast | reference |" in table
+    assert "| 6×2 | contiguous | unavailable |" in table
 
 
 def test_cli_writes_markdown_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "results" / "bench"
     args = ["bench", "--quick", "--shapes", "6x2x3x3", "--reps", "2", "--lenet-images", "64"]
+    args += ["--threads", "1", "--no-first-step"]
     assert main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    md = (tmp_path / "results" / "bench.md").read_text()
-    data = json.loads((tmp_path / "results" / "bench.json").read_text())
+    md = (out / "bench.md").read_text()
+    data = json.loads((out / "bench.json").read_text())
     assert md in printed
     assert [tuple(k["shape"]) for k in data["kernels"]] == [(6, 2, 3, 3)] * 4
+    assert [tuple(k["shape"]) for k in data["modules"]] == [(6, 2, 3, 3)] * 4
     assert data["config"]["compiled"] is False  # --quick does not torch.compile
+    assert data["config"]["threads"] == [1]
     assert data["config"]["native"] is True and data["native"]["available"] is True
-    assert [e["norm"] for e in data["lenet"]] == ["bnlab", "bnlab_native", "torch", "none"]
+    assert [e["norm"] for e in data["lenet"]] == ["bnlab", "bnlab_fast", "torch", "none"]
 
 
 def test_cli_no_native(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["bench", "--quick", "--no-native", "--shapes", "6x2", "--reps", "1", "--no-lenet"]
-    assert main(args) == 0
+    assert main([*args, "--no-first-step"]) == 0
     printed = capsys.readouterr().out
-    assert "native" not in printed  # not asked for: no column, no build line, no goal
+    assert "| shape | layout | native |" not in printed  # not asked for: no native column
+    assert "function training fwd+bwd, native" not in printed  # nor its goals
 
 
 @pytest.mark.parametrize(
@@ -146,6 +199,7 @@ def test_cli_no_native(capsys: pytest.CaptureFixture[str]) -> None:
         (["--shapes", "256x"], "expected shapes like"),
         (["--reps", "0"], "--reps: expected an int >= 1"),
         (["--lenet-images", "1"], "--lenet-images: expected an int >= 2"),
+        (["--threads", "0"], "expected positive thread counts"),
     ],
 )
 def test_cli_rejects_bad_options(
@@ -183,11 +237,10 @@ def test_cpu_clock_needs_one_thread() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        with pytest.raises(ValueError, match="get_num_threads"):
+        with pytest.raises(ValueError, match="expected threads"):
             run_benchmark(dataclasses.replace(TINY, clock="cpu", lenet_images=0))
-        torch.set_num_threads(1)
         result = run_benchmark(
-            dataclasses.replace(TINY, shapes=((6, 2),), clock="cpu", lenet_images=0)
+            dataclasses.replace(TINY, shapes=((6, 2),), clock="cpu", lenet_images=0, threads=(1,))
         )
         assert result.config["clock"] == "cpu" and "CPU time" in result.to_markdown()
     finally:

@@ -1,18 +1,23 @@
 """Time bnlab's batch norm against PyTorch's, the chapter's formula and a memory-traffic floor.
 
-Every contender runs on the same tensors in one process, interleaved; the table shows medians
-and ratios to torch.nn.functional.batch_norm, then one BN-LeNet training epoch per norm layer,
-then the performance goals met or not. See docs/speed.md for the measured numbers.
+Every contender runs on the same tensors in one process, interleaved, for each thread count:
+first the layers as users build them (bnlab.nn.BatchNorm(C), with its default kernel, against
+torch.nn.BatchNorm1d/2d), then the functions (every bnlab kernel against
+torch.nn.functional.batch_norm), then one BN-LeNet training epoch per norm layer; then a fresh
+process's first training step, and the performance goals met or not. See docs/speed.md.
 
-The native C++ kernel (impl="native") is built, or loaded from its on-disk cache, once before any
-timing; the table states how long that took, or why the kernel is unavailable.
+The default kernel (impl="auto") is the C++ kernel on the CPU where `bnlab build` has built it.
+Its build is loaded once before any timing, never compiled; the table states how long loading
+took, or why the kernel is unavailable.
 
 examples:
-  bnlab bench                          # the full benchmark (about 10 minutes on 2 cores)
+  bnlab bench                          # the full benchmark, 1 and 2 threads (about 20 minutes
+                                       # on 2 cores)
   bnlab bench --quick                  # a smoke run: few samples, a small epoch, no compile
-                                       # (torch.compile; the native kernel is still timed)
-  bnlab bench --out results/bench      # also write results/bench.md and results/bench.json
-  bnlab bench --no-native              # leave out impl="native" (and its build)
+                                       # (torch.compile), the current thread count
+  bnlab bench --threads 1 --no-functions --no-lenet   # only the layers, one thread
+  bnlab bench --out results/bench      # also write results/bench/bench.md and bench.json
+  bnlab bench --no-native              # no impl="native" column in the function tables
   bnlab bench --device cuda --no-lenet
 """
 
@@ -24,6 +29,7 @@ import json
 import sys
 from pathlib import Path
 
+from bnlab._io import atomic_write_text
 from bnlab.bench import BenchConfig, run_benchmark
 
 
@@ -35,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        metavar="PATH",
-        help="write PATH.md (table) and PATH.json (every number, machine, versions, date)",
+        metavar="DIR",
+        help="also write DIR/bench.md (the table) and DIR/bench.json (every number, machine, "
+        "versions, date)",
     )
     parser.add_argument("--reps", type=int, help="interleaved samples per contender")
     parser.add_argument(
@@ -49,8 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--native",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="time impl='native' too, after building it (default: yes on the CPU, where "
-        "alone it runs; a machine's first build compiles for about a minute, reported apart)",
+        help="time impl='native' by name in the function tables (default: yes on the CPU, "
+        "where alone it runs, if it is built)",
+    )
+    parser.add_argument(
+        "--functions",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the functions as well as the layers (default: yes)",
+    )
+    parser.add_argument(
+        "--first-step",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time a default layer's first training step in a fresh process (default: yes)",
     )
     parser.add_argument(
         "--shapes",
@@ -62,7 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-lenet", action="store_true", help="skip the BN-LeNet epochs")
     parser.add_argument("--lenet-images", type=int, help="images per BN-LeNet epoch")
     parser.add_argument("--lenet-rounds", type=int, help="epochs per norm layer")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring")
+    parser.add_argument(
+        "--threads",
+        type=parse_threads,
+        metavar="N[,N...]",
+        help="thread counts, one pass of the benchmark each (default: 1,2; --quick: the "
+        "current one)",
+    )
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -88,6 +113,19 @@ def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
     return tuple(shapes)
 
 
+def parse_threads(text: str) -> tuple[int, ...]:
+    """ "1,2" -> (1, 2)."""
+    try:
+        counts = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive thread counts like 1,2 or 1, got {text!r}."
+        )
+    return counts
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     config = BenchConfig.quick() if args.quick else BenchConfig()
     changes: dict[str, object] = {"device": args.device}
@@ -109,6 +147,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         changes["native"] = False  # CPU-only: elsewhere impl="native" runs the fast kernel
     if args.clock is not None:
         changes["clock"] = args.clock
+    if args.threads is not None:
+        changes["threads"] = args.threads
+    changes["functions"] = args.functions
+    changes["first_step"] = args.first_step
     if args.shapes is not None:
         changes["shapes"] = args.shapes
     if args.no_lenet:
@@ -117,14 +159,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     try:
         config = config_from_args(args)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads: expected a positive int, got {args.threads}.")
-            torch.set_num_threads(args.threads)
         result = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr))
     except ValueError as e:
         print(f"bnlab bench: {e}", file=sys.stderr)
@@ -132,10 +168,9 @@ def run(args: argparse.Namespace) -> int:
     table = result.to_markdown()
     print(table)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(table, encoding="utf-8")
-        args.out.with_suffix(".json").write_text(
-            json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8"
-        )
-        print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
+        md, js = args.out / "bench.md", args.out / "bench.json"
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(md, table)
+        atomic_write_text(js, json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"wrote {md} and {js}")
     return 0
