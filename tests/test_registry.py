@@ -113,3 +113,27 @@ def test_register_norm_adds_a_name_and_guards_existing_ones() -> None:
         registry._NORMS.pop("test-pairs")  # leave the registry as it was
     with pytest.raises(TypeError):
         NORMS["x"] = builder  # read-only view
+
+
+@pytest.mark.parametrize(
+    ("name", "torch_layer", "sizes"),
+    [
+        ("group", nn.GroupNorm(3, 6), {"num_groups": 3, "num_channels": 6}),
+        ("layer", nn.LayerNorm((6, 4, 4)), {"normalized_shape": (6, 4, 4)}),
+        ("torch-batch", nn.BatchNorm2d(6), {"num_features": 6}),
+        ("batch", nn.BatchNorm2d(6), {"num_features": 6}),
+        ("instance", nn.InstanceNorm2d(6), {"num_features": 6}),
+    ],
+)
+def test_torch_argument_names_build_the_same_layer(
+    name: str, torch_layer: nn.Module, sizes: dict
+) -> None:
+    m = make_norm(name, **sizes)
+    x = torch.randn(INPUTS["conv"])
+    torch.testing.assert_close(m(x), torch_layer(x))
+
+
+def test_a_size_given_twice_must_agree() -> None:
+    assert make_norm("group", 6, num_groups=3, num_channels=6).num_features == 6
+    with pytest.raises(TypeError, match=r"num_features=6 and num_channels=8 .* differ"):
+        make_norm("group", 6, num_groups=2, num_channels=8)

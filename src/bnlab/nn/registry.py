@@ -65,13 +65,15 @@ class NormBuilder:
 
     ``factory(num_features, kind, **options)`` makes the module; ``options`` are the keyword
     names it accepts; ``kinds`` the input kinds it supports ("conv": (N, C, H, W), "dense":
-    (N, C)).
+    (N, C)); ``size_names`` other names of ``num_features`` for this norm (the torch class's
+    own, e.g. GroupNorm's ``num_channels``), accepted by :func:`make_norm`.
     """
 
     factory: Callable[..., nn.Module]
     options: frozenset[str]
     description: str
     kinds: tuple[str, ...] = KINDS
+    size_names: tuple[str, ...] = ()
 
     def __call__(
         self, num_features: int | None = None, *, kind: Kind = "conv", **options: Any
@@ -79,13 +81,15 @@ class NormBuilder:
         return self.factory(num_features, kind, **options)
 
 
-def from_class(cls: type[nn.Module], description: str) -> NormBuilder:
+def from_class(
+    cls: type[nn.Module], description: str, *, size_names: tuple[str, ...] = ()
+) -> NormBuilder:
     """A builder that calls ``cls(num_features, **options)`` for either kind."""
 
     def factory(num_features: int | None, kind: str, **options: Any) -> nn.Module:
         return cls(num_features, **options)
 
-    return NormBuilder(factory, keyword_options(cls), description)
+    return NormBuilder(factory, keyword_options(cls), description, size_names=size_names)
 
 
 def _torch_batch(num_features: int | None, kind: str, **options: Any) -> nn.Module:
@@ -112,7 +116,7 @@ _NORMS: dict[str, NormBuilder] = {
         "torch.nn.BatchNorm2d (conv) or BatchNorm1d (dense), the reference",
     ),
     "layer": from_class(LayerNorm, "layer norm over (C, *spatial) per sample (Ba et al. 2016)"),
-    "group": from_class(GroupNorm, "group norm (Wu & He 2018)"),
+    "group": from_class(GroupNorm, "group norm (Wu & He 2018)", size_names=("num_channels",)),
     "instance": NormBuilder(
         from_class(InstanceNorm, "").factory,
         keyword_options(InstanceNorm),
@@ -155,6 +159,9 @@ def make_norm(
     picks BatchNorm2d or BatchNorm1d for "torch-batch" and rejects norms that cannot work on
     that input ("instance" needs spatial axes). ``options`` go to the layer's constructor, e.g.
     ``make_norm("group", 16, num_groups=4)``, ``make_norm("ghost", 6, virtual_batch_size=32)``.
+    The torch classes' own argument names work too: ``num_features`` for every batch-style norm,
+    ``make_norm("group", num_groups=4, num_channels=16)`` as ``torch.nn.GroupNorm`` writes it,
+    ``make_norm("layer", normalized_shape=(16, 8, 8))`` as ``torch.nn.LayerNorm``.
 
     Raises:
         ValueError: unknown name or kind, or a norm that does not support ``kind``.
@@ -176,6 +183,15 @@ def make_norm(
             f"kind in {list(builder.kinds)}). For dense (N, C) layers use 'layer', 'group' or "
             "'batch'."
         )
+    for alias in builder.size_names:  # e.g. GroupNorm's num_channels, torch's name for C
+        if alias in options:
+            value = options.pop(alias)
+            if num_features is not None and num_features != value:
+                raise TypeError(
+                    f"make_norm({name!r}): num_features={num_features} and {alias}={value} "
+                    "name the same channel count and differ. Pass one of them."
+                )
+            num_features = value
     check_num_features(num_features)
     unknown = sorted(set(options) - builder.options)
     if unknown:
