@@ -118,9 +118,75 @@ def _run_case(case: Case, rank: int) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class MaskedCase:
+    name: str
+    shape: tuple[int, ...]  # one rank's batch, channels at `axis`
+    splits: tuple[int, ...]  # samples per rank
+    axis: int = 1
+    no_valid_on: int | None = None  # a rank whose mask is all False
+
+
+MASKED_CASES = [
+    MaskedCase("masked-sequence", (0, 3, 6), (3, 0, 2)),
+    MaskedCase("masked-channels-last", (0, 3, 4, 2), (2, 1, 2), axis=-1),
+    MaskedCase("masked-rank-without-valid", (0, 2, 5), (2, 3, 2), no_valid_on=1),
+]
+
+
+def masked_data(case: MaskedCase, rank: int, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One rank's padded batch, its mask (the shape less the channel axis) and upstream grad."""
+    gen = torch.Generator().manual_seed(500 * MASKED_CASES.index(case) + 10 * step + rank)
+    shape = (case.splits[rank], *case.shape[1:])
+    x = 1 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    axis = case.axis % len(shape)
+    mask = torch.rand((*shape[:axis], *shape[axis + 1 :]), generator=gen) < 0.6
+    if rank == case.no_valid_on:
+        mask[:] = False
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return x, mask, g
+
+
+def _packed(t: Tensor, mask: Tensor, axis: int) -> Tensor:
+    return t.movedim(axis, -1)[mask]  # (M, C): the valid values, channels last
+
+
+def _run_masked(case: MaskedCase, rank: int) -> dict[str, Any]:
+    c = case.shape[case.axis]
+    bn = SyncBatchNorm(c, axis=case.axis, dtype=torch.float64)
+    axis = case.axis % len(case.shape)
+    out: dict[str, Any] = {"y": [], "grad_x": [], "grad_w": [], "grad_b": []}
+    for step in range(STEPS):
+        x, mask, g = masked_data(case, rank, step)
+        x.requires_grad_(True)
+        bn.zero_grad()
+        y = bn(x, mask)
+        (_packed(y, mask, axis) * _packed(g, mask, axis)).sum().backward()
+        assert x.grad is not None and bn.weight is not None and bn.bias is not None
+        out["y"].append(_packed(y.detach(), mask, axis))
+        out["grad_x"].append(_packed(x.grad, mask, axis))
+        out["padded_grad_x"] = x.grad.movedim(axis, -1)[~mask]
+        for key, p in (("grad_w", bn.weight), ("grad_b", bn.bias)):
+            grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)
+            out[key].append(grad)
+    out["running_mean"], out["running_var"] = bn.running_mean, bn.running_var
+    return out
+
+
 def _main_worker() -> dict[str, Any]:
     rank = dist.get_rank()
     results: dict[str, Any] = {case.name: _run_case(case, rank) for case in CASES}
+    results.update({case.name: _run_masked(case, rank) for case in MASKED_CASES})
+
+    # masks with one valid value in all: every rank raises the same error
+    bn = SyncBatchNorm(3, dtype=torch.float64)
+    mask = torch.tensor([rank == 0, False])
+    try:
+        bn(torch.randn(2, 3, dtype=torch.float64), mask)
+        results["too-few-valid"] = "no error"
+    except ValueError as e:
+        results["too-few-valid"] = str(e)
 
     # a total of one value per channel over all ranks: every rank raises the same error
     bn = SyncBatchNorm(3, dtype=torch.float64)
@@ -228,6 +294,40 @@ def test_sync_equals_torch_on_concatenated_batch(world3: list[dict[str, Any]], c
         start = sum(case.splits[:rank])
         y_eval = ref["y_eval"][start : start + case.splits[rank]]
         torch.testing.assert_close(r["y_eval"].double(), y_eval, **tol, msg="eval")
+
+
+@pytest.mark.parametrize("case", MASKED_CASES, ids=lambda c: c.name)
+def test_masked_sync_equals_bn_on_the_concatenated_valid_values(
+    world3: list[dict[str, Any]], case: MaskedCase
+) -> None:
+    """The oracle: torch's BatchNorm1d on every rank's packed valid values, concatenated."""
+    ranks = [r[case.name] for r in world3]
+    ref = nn.BatchNorm1d(case.shape[case.axis], dtype=torch.float64)
+    axis = case.axis % len(case.shape)
+    for step in range(STEPS):
+        parts = [masked_data(case, rank, step) for rank in range(len(case.splits))]
+        packed = torch.cat([_packed(x, m, axis) for x, m, _ in parts]).requires_grad_(True)
+        g = torch.cat([_packed(g, m, axis) for _, m, g in parts])
+        ref.zero_grad()
+        y = ref(packed)
+        (y * g).sum().backward()
+        tol = {"rtol": 1e-10, "atol": 1e-10}
+        torch.testing.assert_close(torch.cat([r["y"][step] for r in ranks]), y, **tol)
+        torch.testing.assert_close(
+            torch.cat([r["grad_x"][step] for r in ranks]), packed.grad, **tol
+        )
+        for r in ranks:
+            torch.testing.assert_close(r["grad_w"][step], ref.weight.grad, **tol)
+            torch.testing.assert_close(r["grad_b"][step], ref.bias.grad, **tol)
+    for r in ranks:
+        assert not r["padded_grad_x"].any()
+        torch.testing.assert_close(r["running_mean"], ref.running_mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r["running_var"], ref.running_var, rtol=1e-10, atol=1e-12)
+
+
+def test_too_few_valid_values_raise_on_every_rank(world3: list[dict[str, Any]]) -> None:
+    for r in world3:
+        assert "got 1 True position in the masks of 3 processes" in r["too-few-valid"]
 
 
 def test_large_mean_keeps_variance(world3: list[dict[str, Any]]) -> None:

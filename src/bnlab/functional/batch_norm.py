@@ -45,6 +45,7 @@ from bnlab.functional.checks import (
     check_momentum,
 )
 from bnlab.functional.core import accumulation_dtype, apply_scale_shift, moments, scale_shift
+from bnlab.functional.masked import check_enough_valid, check_mask, masked_moments
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def batch_norm(
     num_batches_tracked: int = 0,
     channel_axis: int = 1,
     impl: str = "auto",
+    mask: Tensor | None = None,
 ) -> BatchNormResult:
     """Normalize ``x`` (N, C, *spatial) per channel; return ``(y, new_mean, new_var)``.
 
@@ -189,6 +191,12 @@ def batch_norm(
             tensors where it is built, else "fast"), "native", "fast" (analytic backward in
             eager PyTorch operations; bnlab.functional.fast), "reference" (the readable path
             through autograd), or another registered one.
+        mask: for padded batches, a boolean tensor with ``x``'s shape less the channel axis
+            ((N,) for (N, C), (N, L) for (N, C, L), (N, H, W) for (N, C, H, W)), True at real
+            values. Batch statistics and the running update (unbiased with the valid count)
+            use the valid values only; every position is normalized with them
+            (:mod:`bnlab.functional.masked`; one path for every ``impl``). Ignored, once
+            checked, when the running statistics are used.
 
     Per-channel tensors are (C,) as in PyTorch, or any shape that broadcasts against ``x`` as
     one value per channel, such as the chapter's (1, C) and (1, C, 1, 1). An empty batch gives
@@ -196,6 +204,8 @@ def batch_norm(
     """
     check_input(x)
     axis = channel_axis_index(channel_axis, x.ndim)
+    if mask is not None:
+        mask = check_mask(x, mask, axis)  # its axes keep their order when channels move
     if axis != 1:  # kernels see channels on axis 1; a view, not a copy
         y, new_mean, new_var = batch_norm(
             x.movedim(axis, 1),
@@ -209,6 +219,7 @@ def batch_norm(
             convention=convention,
             num_batches_tracked=num_batches_tracked,
             impl=impl,
+            mask=mask,
         )
         return BatchNormResult(y.movedim(1, axis), new_mean, new_var)
     num_channels = x.shape[1]
@@ -262,6 +273,21 @@ def batch_norm(
     if count == 0:  # an empty batch: nothing to normalize, the running statistics stay
         y = _affine_only(x, weight, bias)
         return _result(y, running_mean, running_var, stats_shape)
+    if mask is not None:
+        return _masked_batch_norm(
+            x,
+            mask,
+            weight,
+            bias,
+            running_mean if update else None,
+            running_var if update else None,
+            eps=eps,
+            convention=conv,
+            momentum=m,
+            num_batches_tracked=num_batches_tracked,
+            tracking=tracking,
+            stats_shape=stats_shape,
+        )
     check_enough_values(
         x, count, "N" if x.ndim == 2 else "N and the spatial axes", running_stats=tracking
     )
@@ -294,6 +320,43 @@ def batch_norm(
         count,
         convention=conv,
         momentum=m,
+        num_batches_tracked=num_batches_tracked,
+    )
+    return _result(y, new_mean, new_var, stats_shape)
+
+
+def _masked_batch_norm(
+    x: Tensor,
+    mask: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    eps: float,
+    convention: Convention,
+    momentum: float | None,
+    num_batches_tracked: int | Tensor,
+    tracking: bool,
+    stats_shape: torch.Size | None,
+) -> BatchNormResult:
+    """Batch statistics of the valid values, then the shared apply step over every position;
+    running statistics given means they are updated."""
+    mean, var, count = masked_moments(x, mask)
+    n = int(count)  # one host sync: the check needs the number
+    check_enough_valid(x, n, running_stats=tracking)
+    scale, shift = scale_shift(mean, var, eps, weight, bias)
+    y = apply_scale_shift(x, scale, shift)
+    if running_mean is None or running_var is None:
+        return _result(y, running_mean, running_var, stats_shape)
+    new_mean, new_var = running_update(
+        running_mean,
+        running_var,
+        mean,
+        var,
+        n,
+        convention=convention,
+        momentum=momentum,
         num_batches_tracked=num_batches_tracked,
     )
     return _result(y, new_mean, new_var, stats_shape)

@@ -256,10 +256,13 @@ class BatchNorm(nn.Module):
             )
         return axis
 
-    def forward(self, input: Tensor) -> Tensor:
-        y_native = native.layer_forward(self, input)  # one C++ call (checks, kernel, buffers)
-        if y_native is not None:
-            return y_native
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input``; ``mask`` (the input's shape less the channel axis, True at real
+        values) keeps padded positions out of the statistics (:func:`batch_norm`'s ``mask``)."""
+        if mask is None:
+            y_native = native.layer_forward(self, input)  # one C++ call (checks, kernel, buffers)
+            if y_native is not None:
+                return y_native
         axis = self._check_input(input)
         batch_stats = self.training and not self.use_global_stats
         update = batch_stats and self.track_running_stats
@@ -284,6 +287,7 @@ class BatchNorm(nn.Module):
             num_batches_tracked=batches_seen,
             channel_axis=axis,
             impl=self.impl,
+            mask=mask,
         )
         if update and new_mean is not None and new_var is not None:
             self._store_running_stats(new_mean, new_var)

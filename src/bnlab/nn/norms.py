@@ -27,6 +27,7 @@ from bnlab.functional.batch_norm import (
     resolve_momentum,
 )
 from bnlab.functional.checks import check_eps, check_input
+from bnlab.functional.masked import refuse_mask
 from bnlab.functional.norms import (
     batch_renorm,
     check_groups,
@@ -453,7 +454,8 @@ class BatchRenorm(LazyByDefault, BatchNorm):
             f"rmax_warmup_end={self.rmax_warmup_end}, dmax_warmup_end={self.dmax_warmup_end}"
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        refuse_mask(self, mask)
         self._check_input(x)
         rmax, dmax = self.limits()
         res = batch_renorm(
@@ -524,7 +526,8 @@ class GhostBatchNorm(LazyByDefault, BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        refuse_mask(self, mask)
         self._check_input(x)
         y, new_mean, new_var = ghost_batch_norm(
             x,

@@ -54,6 +54,7 @@ from bnlab.functional.core import (
     moments,
     scale_shift,
 )
+from bnlab.functional.masked import check_enough_valid, check_mask, masked_moments
 from bnlab.nn.batchnorm import BatchNorm, LazyBatchNorm
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; Any keeps torch builds without it importable
@@ -83,16 +84,25 @@ class _GlobalMoments(torch.autograd.Function):
     """x (N, C, *) -> (μ, σ², N_total) over every process's batch; see the module docstring."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx: Any, x: Tensor, mask: Tensor | None, group: ProcessGroup
+    ) -> tuple[Tensor, Tensor, Tensor]:
         num_channels = x.shape[1]
         acc = accumulation_dtype(x.dtype)
-        n = x.numel() // num_channels
-        if n > 0:
-            mean, var = moments(x, [0, *range(2, x.ndim)])  # (C,), (C,)
-            m2 = var * n
-        else:  # an empty batch joins with count 0 (moments of nothing would be NaN)
-            mean = m2 = x.new_zeros(num_channels, dtype=acc)
-        local = torch.cat([mean.new_full((1,), float(n)), mean, m2])  # (2C + 1,)
+        if mask is not None:  # the valid values only (bnlab.functional.masked)
+            mean, var, count = masked_moments(x, mask)
+            some = count > 0  # no valid value joins with count 0 (its moments are NaN)
+            mean, m2 = torch.where(some, mean, 0), torch.where(some, var * count, 0)
+            count = count.reshape(1)
+        else:
+            n = x.numel() // num_channels
+            if n > 0:
+                mean, var = moments(x, [0, *range(2, x.ndim)])  # (C,), (C,)
+                m2 = var * n
+            else:  # an empty batch joins with count 0 (moments of nothing would be NaN)
+                mean = m2 = x.new_zeros(num_channels, dtype=acc)
+            count = mean.new_full((1,), float(n))
+        local = torch.cat([count, mean, m2])  # (2C + 1,)
         world = dist.get_world_size(group)
         gathered = local.new_empty(world * local.numel())  # flat: gloo wants no extra axis
         _collective("all-gather of batch statistics", _all_gather, gathered, local, group=group)
@@ -108,7 +118,7 @@ class _GlobalMoments(torch.autograd.Function):
         g_mean = shift + offset  # (C,)
         g_var = (m2s.sum(0) + (counts * (delta - offset) ** 2).sum(0)) / total
         ctx.group = group
-        ctx.save_for_backward(x, g_mean, total)
+        ctx.save_for_backward(x, g_mean, total, mask)
         ctx.mark_non_differentiable(total)
         return g_mean, g_var, total
 
@@ -116,8 +126,8 @@ class _GlobalMoments(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: Any, grad_mean: Tensor, grad_var: Tensor, _grad_total: Tensor | None
-    ) -> tuple[Tensor, None]:
-        x, mean, total = ctx.saved_tensors
+    ) -> tuple[Tensor, None, None]:
+        x, mean, total, mask = ctx.saved_tensors
         num_channels = mean.numel()
         # every process's loss depends on the shared μ, σ²: sum their gradients
         sums = torch.cat([grad_mean, grad_var]).contiguous()  # (2C,)
@@ -125,15 +135,21 @@ class _GlobalMoments(torch.autograd.Function):
         g_mean = channel_view(sums[:num_channels] / total, x.ndim)
         g_var = channel_view(sums[num_channels:] * (2.0 / total), x.ndim)
         grad_x = torch.addcmul(g_mean, g_var, x.to(mean.dtype) - channel_view(mean, x.ndim))
-        return grad_x.to(x.dtype), None
+        if mask is not None:  # padded values do not enter the statistics
+            grad_x = torch.where(mask.unsqueeze(1), grad_x, 0)
+        return grad_x.to(x.dtype), None, None
 
 
-def sync_moments(x: Tensor, group: ProcessGroup = None) -> tuple[Tensor, Tensor, Tensor]:
+def sync_moments(
+    x: Tensor, group: ProcessGroup = None, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and biased variance (C,) of ``x`` (N, C, *) over the batches of every process in
     ``group`` (default: all), and the total count per channel as a 0-d tensor; differentiable
-    in ``x``. Every process in the group must call it, with the same C (N may differ or be 0)."""
+    in ``x``. With ``mask`` (N, *) only the values where it is True count. Every process in the
+    group must call it, with the same C (N may differ or be 0) and all with or all without a
+    mask."""
     group = dist.group.WORLD if group is None else group
-    mean, var, total = _GlobalMoments.apply(x, group)
+    mean, var, total = _GlobalMoments.apply(x, mask, group)
     return mean, var, total
 
 
@@ -188,17 +204,24 @@ class SyncBatchNorm(BatchNorm):
         group = dist.group.WORLD if self.process_group is None else self.process_group
         return group if dist.get_world_size(group) > 1 else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """As :meth:`BatchNorm.forward`; with ``mask``, the statistics of the valid values of
+        every process (each process passes its own mask, or none of them does)."""
+        x = input
         group = self._sync_group()
         if group is None:
-            return super().forward(x)
+            return super().forward(x) if mask is None else super().forward(x, mask=mask)
         axis = self._check_input(x)
+        if mask is not None:
+            mask = check_mask(x, mask, axis)  # its axes keep their order in xc below
         for name in ("weight", "bias", "running_mean", "running_var"):
             check_dtype_device(x, getattr(self, name), name)
         xc = x.movedim(axis, 1)  # (N, C, *): a view with channels on axis 1
-        mean, var, total = sync_moments(xc, group)
-        if xc.numel() // xc.shape[1] <= 1:  # only then can the total be <= 1; avoids a host sync
-            world = dist.get_world_size(group)
+        mean, var, total = sync_moments(xc, group, mask)
+        world = dist.get_world_size(group)
+        if mask is not None:  # any part may hold few valid values: read the total
+            check_enough_valid(x, int(total), where=f"in the masks of {world} processes")
+        elif xc.numel() // xc.shape[1] <= 1:  # only then can the total be <= 1: no host sync
             check_enough_values(x, int(total), f"every axis but {self.axis} on {world} processes")
         scale, shift = scale_shift(mean, var, self.eps, self.weight, self.bias)
         y = apply_scale_shift(xc, scale, shift).movedim(1, axis)

@@ -218,6 +218,40 @@ Tensor empty_output(const Tensor& x) {
                                                   x.scalar_type()));
 }
 
+// ---------------------------------------------------------------- few channels
+//
+// Rows of few channels (channels-last with C = 6 or 16, as in the LeNet) make the per-row loop
+// over C too short to vectorize. Those sweeps run over tiles of tile_rows(C) rows instead, with
+// the per-channel parameters repeated across the tile, so that the inner loop is P = rows·C
+// contiguous values (P >= 64; rows a multiple of 8). Each element's formula is unchanged.
+constexpr int64_t kSmallC = 32;
+
+int64_t tile_rows(int64_t C) {
+  return 8 * ((64 + 8 * C - 1) / (8 * C));
+}
+
+// v (C values, or zeros if null) repeated `rows` times
+template <typename acc_t>
+std::vector<acc_t> tiled(const acc_t* v, int64_t C, int64_t rows) {
+  std::vector<acc_t> out(rows * C);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) out[r * C + c] = v ? v[c] : acc_t(0);
+  }
+  return out;
+}
+
+// f(first element, length) for each tile of P values of a rows layout, in parallel
+template <typename F>
+void for_each_tile(const Layout& L, int64_t P, F f) {
+  const int64_t total = L.n * L.c;
+  const int64_t tiles = (total + P - 1) / P;
+  at::parallel_for(0, tiles, grain(P), [&](int64_t a, int64_t b) {
+    for (int64_t g = a; g < b; ++g) {
+      f(g * P, std::min(P, total - g * P));
+    }
+  });
+}
+
 // ---------------------------------------------------------------- per-channel sums
 //
 // The backward's sums: for every channel, Σ f(x, y, channel) over its n·l values, as `acc_t`,
@@ -292,6 +326,57 @@ void channel_sums(const scalar_t* x, const scalar_t* y, const Layout& L, F f, ac
     }
     out_a[c] = sa;
     out_b[c] = sb;
+  }
+}
+
+// The backward's sums for rows of few channels: Σdy and Σdy·(x - μ) per channel, over tiles
+// (see tile_rows), in blocks of whole tiles whose partial sums are added in block order.
+template <typename scalar_t, typename acc_t>
+void row_sums_small_c(const scalar_t* x, const scalar_t* g, const Layout& L, const acc_t* mean,
+                      acc_t* sum_g, acc_t* sum_g_xc) {
+  const int64_t C = L.c, kt = tile_rows(C), P = kt * C;
+  const int64_t rows = kt * std::max<int64_t>(1, kRowBlock / kt);  // a block: whole tiles
+  const int64_t blocks = (L.n + rows - 1) / rows;
+  std::vector<acc_t> pa(blocks * C, acc_t(0)), pb(blocks * C, acc_t(0));
+  const std::vector<acc_t> tm = tiled(mean, C, kt);
+  at::parallel_for(0, blocks, grain(rows * C), [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> ta(P), tb(P);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, r1 = std::min(L.n, r0 + rows);
+      const int64_t tiled_end = r0 + (r1 - r0) / kt * kt;
+      std::fill(ta.begin(), ta.end(), acc_t(0));
+      std::fill(tb.begin(), tb.end(), acc_t(0));
+      for (int64_t r = r0; r < tiled_end; r += kt) {
+        const scalar_t *xr = x + r * C, *gr = g + r * C;
+        for (int64_t j = 0; j < P; ++j) {
+          const acc_t gv = acc_t(gr[j]);
+          ta[j] += gv;
+          tb[j] += gv * (acc_t(xr[j]) - tm[j]);
+        }
+      }
+      acc_t* a = pa.data() + blk * C;
+      acc_t* b = pb.data() + blk * C;
+      for (int64_t j = 0; j < P; ++j) {
+        a[j % C] += ta[j];
+        b[j % C] += tb[j];
+      }
+      for (int64_t r = tiled_end; r < r1; ++r) {
+        const scalar_t *xr = x + r * C, *gr = g + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t gv = acc_t(gr[c]);
+          a[c] += gv;
+          b[c] += gv * (acc_t(xr[c]) - mean[c]);
+        }
+      }
+    }
+  });
+  std::fill(sum_g, sum_g + C, acc_t(0));
+  std::fill(sum_g_xc, sum_g_xc + C, acc_t(0));
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int64_t c = 0; c < C; ++c) {
+      sum_g[c] += pa[blk * C + c];
+      sum_g_xc[c] += pb[blk * C + c];
+    }
   }
 }
 
@@ -378,14 +463,31 @@ std::vector<Moments> channel_moments(const scalar_t* x, const Layout& L) {
     const int64_t span = rows * kBlocksPerTask;
     const int64_t tasks = (L.n + span - 1) / span;
     std::vector<RowMoments> partial(tasks, RowMoments(C));
+    const bool small = C < kSmallC;
+    const int64_t kt = tile_rows(C), P = kt * C;
     at::parallel_for(0, tasks, grain(span * C), [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> a(C), b(C), m(C);
+      std::vector<acc_t> ts(small ? P : 0), tm(ts.size()), ta(ts.size()), tb(ts.size());
+      // adds the per-position sums of a tile into per-channel sums
+      auto fold = [C](const std::vector<acc_t>& tile, std::vector<acc_t>& into) {
+        for (size_t j = 0; j < tile.size(); ++j) into[j % C] += tile[j];
+      };
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t end = std::min(L.n, (t + 1) * span);
         for (int64_t r0 = t * span; r0 < end; r0 += rows) {
           const int64_t r1 = std::min(end, r0 + rows);
+          // few channels: whole tiles first, summed per tile position, then the rest
+          const int64_t tiled_end = small ? r0 + (r1 - r0) / kt * kt : r0;
           std::fill(m.begin(), m.end(), acc_t(0));
-          for (int64_t r = r0; r < r1; ++r) {
+          if (small) {
+            std::fill(ts.begin(), ts.end(), acc_t(0));
+            for (int64_t r = r0; r < tiled_end; r += kt) {
+              const scalar_t* xr = x + r * C;
+              for (int64_t j = 0; j < P; ++j) ts[j] += acc_t(xr[j]);
+            }
+            fold(ts, m);
+          }
+          for (int64_t r = tiled_end; r < r1; ++r) {
             const scalar_t* xr = x + r * C;
             for (int64_t c = 0; c < C; ++c) m[c] += acc_t(xr[c]);
           }
@@ -393,7 +495,22 @@ std::vector<Moments> channel_moments(const scalar_t* x, const Layout& L) {
           for (int64_t c = 0; c < C; ++c) m[c] /= k;
           std::fill(a.begin(), a.end(), acc_t(0));
           std::fill(b.begin(), b.end(), acc_t(0));
-          for (int64_t r = r0; r < r1; ++r) {
+          if (small) {
+            for (int64_t j = 0; j < P; ++j) tm[j] = m[j % C];
+            std::fill(ta.begin(), ta.end(), acc_t(0));
+            std::fill(tb.begin(), tb.end(), acc_t(0));
+            for (int64_t r = r0; r < tiled_end; r += kt) {
+              const scalar_t* xr = x + r * C;
+              for (int64_t j = 0; j < P; ++j) {
+                const acc_t d = acc_t(xr[j]) - tm[j];
+                ta[j] += d;
+                tb[j] += d * d;
+              }
+            }
+            fold(ta, a);
+            fold(tb, b);
+          }
+          for (int64_t r = tiled_end; r < r1; ++r) {
             const scalar_t* xr = x + r * C;
             for (int64_t c = 0; c < C; ++c) {
               const acc_t d = acc_t(xr[c]) - m[c];
@@ -586,6 +703,19 @@ void apply_affine(const scalar_t* x, const Layout& L, const acc_t* m, const acc_
       return;
     }
   }
+  if (L.rows && C < kSmallC) {
+    const int64_t k = tile_rows(C);
+    const auto M = tiled<acc_t>(centered ? m : nullptr, C, k), S = tiled(s, C, k),
+               T = tiled(t, C, k);
+    for_each_tile(L, k * C, [&](int64_t i0, int64_t len) {
+      const scalar_t* xr = x + i0;
+      scalar_t* o = out + i0;
+      for (int64_t j = 0; j < len; ++j) {
+        o[j] = scalar_t(affine_at(acc_t(xr[j]), M[j], S[j], T[j]));
+      }
+    });
+    return;
+  }
   if (L.rows) {
     at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -629,6 +759,19 @@ void apply_dx(const scalar_t* gp, const scalar_t* xp, const Layout& L, const acc
       });
       return;
     }
+  }
+  if (L.rows && C < kSmallC) {
+    const int64_t rows = tile_rows(C);
+    const auto M = tiled(mp, C, rows), S = tiled(s, C, rows), K = tiled(k, C, rows),
+               T = tiled(t, C, rows);
+    for_each_tile(L, rows * C, [&](int64_t i0, int64_t len) {
+      const scalar_t *g = gp + i0, *xr = xp + i0;
+      scalar_t* o = op + i0;
+      for (int64_t j = 0; j < len; ++j) {
+        o[j] = scalar_t(dx_at(acc_t(g[j]), acc_t(xr[j]), M[j], S[j], K[j], T[j]));
+      }
+    });
+    return;
   }
   if (L.rows) {
     at::parallel_for(0, L.n, grain(C), [&](int64_t r0, int64_t r1) {
@@ -743,11 +886,18 @@ std::tuple<Tensor, Tensor, Tensor> backward_kernel(const Tensor& dy_in, const Te
     acc_t* dwp = dw.data_ptr<acc_t>();
     acc_t* dbp = db.data_ptr<acc_t>();
     std::vector<acc_t> sum_dy_xc(C);
-    // x is the first argument, dy the second
-    channel_sums<scalar_t, acc_t>(
-        x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), L,
-        [mp](acc_t v, acc_t g, int64_t c) { return std::pair<acc_t, acc_t>(g, g * (v - mp[c])); },
-        dbp, sum_dy_xc.data());
+    if (L.rows && C < kSmallC) {
+      row_sums_small_c<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(),
+                                        dy.const_data_ptr<scalar_t>(), L, mp, dbp,
+                                        sum_dy_xc.data());
+    } else {  // x is the first argument, dy the second
+      channel_sums<scalar_t, acc_t>(
+          x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), L,
+          [mp](acc_t v, acc_t g, int64_t c) {
+            return std::pair<acc_t, acc_t>(g, g * (v - mp[c]));
+          },
+          dbp, sum_dy_xc.data());
+    }
     // ∂x = s·dy + k·(x - μ) + c0, centered for the reason apply_affine gives
     std::vector<acc_t> s(C), k(C), t(C);
     for (int64_t c = 0; c < C; ++c) {
