@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
 import socket
 import struct
 import threading
@@ -32,6 +31,7 @@ from bnlab.data import (
     DataError,
     FashionMNIST,
     load_fashion_mnist,
+    resolve_data_dir,
     to_float_batches,
 )
 from bnlab.data.fashion_mnist import DataFile, DatasetSpec
@@ -500,16 +500,14 @@ def test_to_float_batches_needs_a_float_dtype() -> None:
 
 
 @pytest.fixture(scope="module")
-def real() -> FashionMNIST:
-    """The copy in $BNLAB_DATA_DIR (tests/conftest.py defaults it to the sibling shared copy).
-
-    No skip: when the variable names a directory without the files, these tests fail.
-    """
+def real(real_data_dir: Path) -> FashionMNIST:
+    """The real copy, found as users' runs find it (tests/conftest.py: skipped where it is not
+    there, failed instead under BNLAB_REQUIRE_DATA=1, as in CI)."""
     return load_fashion_mnist(download=False)
 
 
 def test_real_copy_shapes_and_dtypes(real: FashionMNIST) -> None:
-    assert real.source == Path(os.environ[DATA_DIR_ENV]).expanduser()
+    assert real.source == resolve_data_dir()[0]
     assert tuple(real.train_images.shape) == (60000, 28, 28)
     assert tuple(real.test_images.shape) == (10000, 28, 28)
     assert tuple(real.train_labels.shape) == (60000,) and tuple(real.test_labels.shape) == (10000,)
