@@ -336,7 +336,7 @@ def _masked_batch_norm(
     eps: float,
     convention: Convention,
     momentum: float | None,
-    num_batches_tracked: int | Tensor,
+    num_batches_tracked: int,
     tracking: bool,
     stats_shape: torch.Size | None,
 ) -> BatchNormResult:
