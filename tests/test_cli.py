@@ -60,7 +60,7 @@ def test_a_subcommand_that_fails_to_import_is_reported_not_dropped(
     ("command", "flags"),
     [
         ("train", ["--data-dir", "--threads", "--device", "--out"]),
-        ("reproduce", ["--data-dir", "--out"]),
+        ("reproduce", ["--data-dir", "--threads", "--device", "--out"]),
         ("bench", ["--threads", "--device", "--out"]),
         ("report", ["--out"]),
     ],
@@ -73,24 +73,25 @@ def test_one_vocabulary_of_flags(command: str, flags: list[str]) -> None:
     assert out.metavar == "DIR"  # a directory everywhere, never a file prefix
 
 
-def test_reproduce_passes_data_dir_to_the_runs(
+def test_reproduce_passes_data_dir_threads_and_device_to_the_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import bnlab.lab as lab
 
-    seen: list[str | None] = []
+    seen: list[object] = []
 
     def fake_reproduce(*args: object, **kwargs: object) -> dict[str, object]:
         import os
 
-        seen.append(os.environ.get("BNLAB_DATA_DIR"))
+        seen.extend([os.environ.get("BNLAB_DATA_DIR"), kwargs["threads"], kwargs["device"]])
         raise ValueError("stop here")
 
     monkeypatch.setattr(lab, "reproduce", fake_reproduce)
     monkeypatch.setenv("BNLAB_DATA_DIR", "/elsewhere")
     args = ["reproduce", "--quick", "--data-dir", str(tmp_path), "--results", str(tmp_path)]
-    assert main(args) == 2
-    assert seen == [str(tmp_path)]
+    assert main([*args, "--threads", "1", "--device", "cpu"]) == 2
+    assert seen == [str(tmp_path), 1, "cpu"]
+    assert main([*args, "--threads", "0"]) == 2 and len(seen) == 3  # refused before running
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
@@ -103,7 +104,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--norm-option", "impl=typo"], ["impl", "'typo'", "'fast'", "'reference'"]),
+        (["--norm-option", "impl=typo"], ["impl", "'typo'", "'eager'", "'reference'"]),
         (["--norm", "btach"], ["'bnlab'", "'torch'", "'none'", "'group'", "Did you mean"]),
         (["--norm-option", "momentu=0.9"], ["['momentu']", "accepts:", "momentum", "eps"]),
         (["--norm", "torch", "--norm-option", "convention=d2l"], ["accepts:", "momentum"]),

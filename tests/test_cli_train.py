@@ -27,6 +27,7 @@ def scores(run_dir: Path) -> list[tuple[float, float, float]]:
     return [(h["train_loss"], h["train_acc"], h["test_acc"]) for h in history]
 
 
+@pytest.mark.usefixtures("real_data_dir")  # tests/conftest.py
 def test_short_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     args = ["--subset", "2048", "--epochs", "1", "--batch-size", "64", "--out", str(out)]
@@ -41,8 +42,8 @@ def test_short_real_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert 0 < loss < 2.3 and train_acc > 0.25
     # the table row, then the chapter's print of the first BN layer's gamma and beta
     assert re.search(rf"^\s+1\s+{loss:.4f}\s+{train_acc:.4f}\s+{test_acc:.4f}\s", text, re.M)
-    gamma = re.search(r"gamma: \[([^\]]*)\]", text)
-    beta = re.search(r"beta: +\[([^\]]*)\]", text)
+    gamma = re.search(r"gamma = net\[1\]\.weight: \[([^\]]*)\]", text)
+    beta = re.search(r"beta  = net\[1\]\.bias: +\[([^\]]*)\]", text)
     assert gamma and beta and "net[1] = BatchNorm" in text
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     expected = state["model"]["1.weight"].tolist()
@@ -77,6 +78,7 @@ def test_data_error_is_one_line_and_exit_2(
     assert not out.exists()  # nothing written for a run that never started
 
 
+@pytest.mark.usefixtures("real_data_dir")  # tests/conftest.py
 def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert main(["train", *QUICK, "--epochs", "1", "--out", str(out)]) == 0
@@ -93,6 +95,7 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"checkpoint {out / 'checkpoint.pt'}: cannot be read" in err
 
 
+@pytest.mark.usefixtures("real_data_dir")  # tests/conftest.py
 def test_resume_of_a_complete_run_says_so_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -103,10 +106,11 @@ def test_resume_of_a_complete_run_says_so_and_writes_nothing(
     assert main(["train", "--resume", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"{out} is complete: 1 epoch of 1, nothing to train" in text
-    assert "--epochs N (more than 1)" in text and "gamma: [" in text
+    assert "--epochs N (more than 1)" in text and "gamma = net[1].weight: [" in text
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
 
 
+@pytest.mark.usefixtures("real_data_dir")  # tests/conftest.py
 def test_norm_option_values_none_and_true_as_python_spells_them(tmp_path: Path) -> None:
     out = tmp_path / "run"
     opts = ["--norm-option", "momentum=None", "--norm-option", "affine=True"]
@@ -118,7 +122,9 @@ def test_norm_option_values_none_and_true_as_python_spells_them(tmp_path: Path) 
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[float, float, float]]:
+def uninterrupted(
+    tmp_path_factory: pytest.TempPathFactory, real_data_dir: Path
+) -> list[tuple[float, float, float]]:
     out = tmp_path_factory.mktemp("ref") / "run"
     assert main(["train", *QUICK, "--out", str(out)]) == 0
     return scores(out)

@@ -55,6 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-report", action="store_true", help="only run, do not render")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads per run (default: the cores split among --jobs)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="where the runs train: cpu (default, as the report's numbers), cuda, cuda:1, ...; "
+        "not part of a run's identity, so cached results are reused",
+    )
+    parser.add_argument(
         "--data-dir",
         default=None,
         metavar="DIR",
@@ -73,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
         # the runs load the dataset in worker processes, which inherit the environment
         os.environ[DATA_DIR_ENV] = args.data_dir
     try:
-        manifest = reproduce(scale, results, only=args.only, jobs=args.jobs)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads: expected a positive int, got {args.threads}.")
+        manifest = reproduce(
+            scale, results, only=args.only, jobs=args.jobs, threads=args.threads, device=args.device
+        )
     except (DataError, ValueError) as e:
         print(f"bnlab reproduce: {e}")
         return 2

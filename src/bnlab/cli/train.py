@@ -101,13 +101,13 @@ def _print_summary(result: TrainResult) -> None:
         bias = getattr(layer, "bias", None)
         print(f"\nfirst norm layer, net[{i}] = {type(layer).__name__}:")
         if isinstance(weight, Tensor):
-            print(f"  gamma: {_fmt(weight.detach().cpu().reshape(-1).tolist())}")
+            print(f"  gamma = net[{i}].weight: {_fmt(weight.detach().cpu().reshape(-1).tolist())}")
         else:
-            print("  gamma: none (no learned scale)")
+            print(f"  gamma = net[{i}].weight: none (no learned scale)")
         if isinstance(bias, Tensor):
-            print(f"  beta:  {_fmt(bias.detach().cpu().reshape(-1).tolist())}")
+            print(f"  beta  = net[{i}].bias:   {_fmt(bias.detach().cpu().reshape(-1).tolist())}")
         else:
-            print("  beta:  none (no learned shift)")
+            print(f"  beta  = net[{i}].bias:   none (no learned shift)")
     print(f"run directory: {result.run.path}")
     if result.history:
         print(f"curves: {result.run.curves}")
