@@ -43,16 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():  # precomputed results for a kernel that does no work
         y0, mean0, var0, invstd0 = fast_mod._forward(xd, wd, bd, 1e-5, "eager")
         grads0 = fast_mod._backward(g, xd, mean0, invstd0, wd, "eager")
-    batch_norm(x, w, b, rm, rv, training=True, impl="fast_compiled").y.backward(g)  # compile
+    batch_norm(x, w, b, rm, rv, training=True, impl="compiled").y.backward(g)  # compile
 
     real_forward, real_backward = fast_mod._forward, fast_mod._backward
     ext = native.build_native()
 
-    def machinery() -> object:  # the fast kernel's Function with free forward and backward
+    def machinery() -> object:  # the eager kernel's Function with free forward and backward
         fast_mod._forward = lambda *a: (y0.clone(), mean0, var0, invstd0)
         fast_mod._backward = lambda *a: grads0
         try:
-            y = batch_norm(x, w, b, rm, rv, training=True, impl="fast").y
+            y = batch_norm(x, w, b, rm, rv, training=True, impl="eager").y
             return torch.autograd.grad(y, params, g)
         finally:
             fast_mod._forward, fast_mod._backward = real_forward, real_backward
@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         "torch F.batch_norm, fwd+bwd": lambda: torch.autograd.grad(
             F.batch_norm(x, rm, rv, w, b, training=True), params, g
         ),
-        "bnlab fast, fwd+bwd": lambda: torch.autograd.grad(
-            batch_norm(x, w, b, rm, rv, training=True, impl="fast").y, params, g
+        "bnlab eager, fwd+bwd": lambda: torch.autograd.grad(
+            batch_norm(x, w, b, rm, rv, training=True, impl="eager").y, params, g
         ),
-        "bnlab fast_compiled, fwd+bwd": lambda: torch.autograd.grad(
-            batch_norm(x, w, b, rm, rv, training=True, impl="fast_compiled").y, params, g
+        "bnlab compiled, fwd+bwd": lambda: torch.autograd.grad(
+            batch_norm(x, w, b, rm, rv, training=True, impl="compiled").y, params, g
         ),
         "bnlab native, fwd+bwd": lambda: torch.autograd.grad(
             batch_norm(x, w, b, rm, rv, training=True, impl="native").y, params, g

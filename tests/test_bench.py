@@ -23,7 +23,7 @@ TINY = BenchConfig(
     min_sample_s=0.0,
     compiled=False,
     native=True,
-    lenet_norms=("bnlab", "bnlab_fast", "bnlab_native", "torch", "none"),
+    lenet_norms=("bnlab", "bnlab_eager", "bnlab_native", "torch", "none"),
     lenet_images=96,
     lenet_rounds=1,
     batch_size=64,
@@ -50,10 +50,10 @@ def test_tiny_run_has_every_case_and_contender() -> None:
         cases = [(k.threads, k.shape, k.layout, k.mode) for k in rows]
         assert cases == [(n, *c) for n in (1, 2) for c in CASES]
     for k in result.modules:
-        assert set(k.times) == {"bnlab", "bnlab_fast", "torch"}
+        assert set(k.times) == {"bnlab", "bnlab_eager", "torch"}
     for k in result.kernels:
         expected = (
-            {"fast", "native", "reference", "naive", "torch", "floor", "floor_alloc"}
+            {"eager", "native", "reference", "naive", "torch", "floor", "floor_alloc"}
             if k.mode == "train"
             else {"bnlab", "native", "naive", "torch", "floor", "floor_alloc"}
         )
@@ -62,7 +62,7 @@ def test_tiny_run_has_every_case_and_contender() -> None:
         assert k.ratio("torch") == 1.0
         for t in k.times.values():
             assert t.samples == 3 and t.median_s > 0 and t.q1_s <= t.median_s <= t.q3_s
-    norms = ["bnlab", "bnlab_fast", "bnlab_native", "torch", "none"]
+    norms = ["bnlab", "bnlab_eager", "bnlab_native", "torch", "none"]
     assert [(e.threads, e.norm) for e in result.lenet] == [(n, m) for n in (1, 2) for m in norms]
     assert all(len(e.seconds) == 1 and e.seconds[0] > 0 for e in result.lenet)
     # one line for the native kernel's load, then one per case and per epoch
@@ -110,8 +110,8 @@ def test_tiny_run_has_every_case_and_contender() -> None:
         assert heading in table
     assert "| 8×3×4×4 | channels_last |" in table and "| 16×5 | contiguous |" in table
     assert 'the default kernel (impl="auto") is the C++ kernel' in table
-    assert "| shape | layout | bnlab | bnlab_fast | torch |" in table  # layers
-    assert "| shape | layout | native | fast | reference |" in table  # training functions
+    assert "| shape | layout | bnlab | bnlab_eager | torch |" in table  # layers
+    assert "| shape | layout | native | eager | reference |" in table  # training functions
     assert "| shape | layout | native | bnlab | naive |" in table  # eval functions
     assert "| bnlab_native |" in table
 
@@ -121,7 +121,7 @@ def test_layers_run_what_users_build() -> None:
     from bnlab.bench.modules import layers
 
     built = layers(6, 4)
-    assert built["bnlab"].impl == "auto" and built["bnlab_fast"].impl == "fast"
+    assert built["bnlab"].impl == "auto" and built["bnlab_eager"].impl == "eager"
     assert type(built["torch"]) is torch.nn.BatchNorm2d
     assert type(layers(6, 2)["torch"]) is torch.nn.BatchNorm1d
 
@@ -151,7 +151,7 @@ def test_missing_native_build_is_reported_not_raised(monkeypatch: pytest.MonkeyP
     assert all("native" not in k.times for k in result.kernels)
     assert [e.norm for e in result.lenet if e.threads == 1] == [
         "bnlab",
-        "bnlab_fast",
+        "bnlab_eager",
         "torch",
         "none",
     ]
@@ -163,8 +163,8 @@ def test_missing_native_build_is_reported_not_raised(monkeypatch: pytest.MonkeyP
     }.items() <= data["goals"][0].items()
     table = result.to_markdown()
     assert "unavailable: no build in /nowhere" in table
-    assert 'the default kernel (impl="auto") is the eager kernel ("fast") here' in table
-    assert "| shape | layout | native | fast | reference |" in table
+    assert 'the default kernel (impl="auto") is the eager kernel ("eager") here' in table
+    assert "| shape | layout | native | eager | reference |" in table
     assert "| 6×2 | contiguous | unavailable |" in table
 
 
@@ -182,7 +182,7 @@ def test_cli_writes_markdown_and_json(tmp_path: Path, capsys: pytest.CaptureFixt
     assert data["config"]["compiled"] is False  # --quick does not torch.compile
     assert data["config"]["threads"] == [1]
     assert data["config"]["native"] is True and data["native"]["available"] is True
-    assert [e["norm"] for e in data["lenet"]] == ["bnlab", "bnlab_fast", "torch", "none"]
+    assert [e["norm"] for e in data["lenet"]] == ["bnlab", "bnlab_eager", "torch", "none"]
 
 
 def test_cli_no_native(capsys: pytest.CaptureFixture[str]) -> None:

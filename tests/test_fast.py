@@ -23,7 +23,7 @@ from bnlab.functional.batch_norm import TRAIN_KERNELS
 from bnlab.nn import BatchNorm
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-FAST_IMPLS = ("fast", "fast_compiled", "fast_auto")
+FAST_IMPLS = ("eager", "compiled", "eager_then_compiled")
 
 
 def assert_close(
@@ -132,7 +132,7 @@ def cases(draw: st.DrawFn) -> tuple[tuple[int, ...], torch.dtype, bool, bool, in
 @given(cases())
 def test_fast_equals_reference(case: tuple) -> None:
     shape, dtype, affine, channels_last, seed = case
-    compare("fast", make_input(shape, dtype, channels_last, seed), affine, dtype)
+    compare("eager", make_input(shape, dtype, channels_last, seed), affine, dtype)
 
 
 @settings(max_examples=30)
@@ -140,7 +140,7 @@ def test_fast_equals_reference(case: tuple) -> None:
 def test_fast_auto_equals_reference_and_a_short_run_never_compiles(case: tuple) -> None:
     shape, dtype, affine, channels_last, seed = case
     with fast_mod.fresh_kernel_cache():
-        compare("fast_auto", make_input(shape, dtype, channels_last, seed), affine, dtype)
+        compare("eager_then_compiled", make_input(shape, dtype, channels_last, seed), affine, dtype)
         assert all(c.compile_s is None for c in fast_mod.kernel_cases()), "a short run compiled"
 
 
@@ -158,7 +158,7 @@ def test_fast_compiled_equals_reference(
     shape: tuple[int, ...], dtype: torch.dtype, affine: bool, channels_last: bool
 ) -> None:
     with fast_mod.fresh_kernel_cache():
-        compare("fast_compiled", make_input(shape, dtype, channels_last, 0), affine, dtype)
+        compare("compiled", make_input(shape, dtype, channels_last, 0), affine, dtype)
         cases = fast_mod.kernel_cases()
         assert len(cases) == 2 and all(c.fn is not None for c in cases)
 
@@ -228,10 +228,10 @@ def test_hand_computed_case() -> None:
 @pytest.mark.parametrize(
     ("impl", "shape", "channels_last"),
     [
-        ("fast", (64, 3, 20, 20), False),
-        ("fast", (64, 3, 20, 20), True),
-        ("fast", (512, 3), False),
-        ("fast_compiled", (64, 3, 20, 20), False),  # one compiled layout: the same math
+        ("eager", (64, 3, 20, 20), False),
+        ("eager", (64, 3, 20, 20), True),
+        ("eager", (512, 3), False),
+        ("compiled", (64, 3, 20, 20), False),  # one compiled layout: the same math
     ],
 )
 def test_no_cancellation_large_mean_tiny_spread(
@@ -283,7 +283,7 @@ def test_no_affine_gradcheck() -> None:
     )
 
 
-@pytest.mark.parametrize("impl", ["fast", "native"])
+@pytest.mark.parametrize("impl", ["eager", "native"])
 def test_gradient_in_another_memory_format(impl: str) -> None:
     """dy need not share x's layout (a contiguous gradient for a channels-last x, and back)."""
     for channels_last in (True, False):
@@ -301,13 +301,13 @@ def test_gradient_in_another_memory_format(impl: str) -> None:
         torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["fast", "native"])
+@pytest.mark.parametrize("impl", ["eager", "native"])
 def test_odd_strides_are_copied_not_mishandled(impl: str) -> None:
     x = make_input((4, 3, 6, 5), torch.float32, False, 8).transpose(2, 3)  # neither format
     compare(impl, x, True, torch.float32)
 
 
-@pytest.mark.parametrize("impl", ["fast", "native"])
+@pytest.mark.parametrize("impl", ["eager", "native"])
 def test_half_input_with_float32_parameters(impl: str) -> None:
     x = make_input((6, 3, 4), torch.float16, False, 9).requires_grad_()
     w = torch.rand(3).add(0.5).requires_grad_()
@@ -333,7 +333,7 @@ def test_statistics_and_no_grad_call() -> None:
     assert y.requires_grad and not mean.requires_grad and not var.requires_grad
 
 
-@pytest.mark.parametrize("impl", ["fast", "native"])
+@pytest.mark.parametrize("impl", ["eager", "native"])
 def test_torch_func_and_forward_ad_fall_back_to_reference(impl: str) -> None:
     w, b = torch.rand(3) + 0.5, torch.randn(3)
     x = make_input((6, 3), torch.float32, False, 11)
@@ -358,8 +358,8 @@ def test_torch_compile_of_a_model() -> None:
     """TorchDynamo traces the autograd.Function (forward and backward) into the model's graph."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3), BatchNorm(4, impl="fast"), torch.nn.Sigmoid(),
-        torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5), BatchNorm(5, impl="fast"),
+        torch.nn.Conv2d(1, 4, 3), BatchNorm(4, impl="eager"), torch.nn.Sigmoid(),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5), BatchNorm(5, impl="eager"),
     )  # fmt: skip
     ref = copy.deepcopy(net)
     for m in ref:
@@ -415,7 +415,7 @@ def test_policy_compiles_once_eager_time_reaches_the_estimate(
 
 def test_fast_never_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(fn, args):  # type: ignore[no-untyped-def]
-        raise AssertionError("impl='fast' compiled")
+        raise AssertionError("impl='eager' compiled")
 
     monkeypatch.setattr(fast_mod, "_compile", fail)
     monkeypatch.setattr(fast_mod, "INITIAL_COMPILE_ESTIMATE_S", 0.0)
@@ -452,3 +452,17 @@ def test_compile_failure_warns_once_and_stays_correct(monkeypatch: pytest.Monkey
 def test_kernels_are_registered() -> None:
     for name in (*FAST_IMPLS, "reference"):
         assert name in TRAIN_KERNELS
+
+
+def test_impl_is_checked_at_construction_and_in_every_mode() -> None:
+    """A misspelt kernel fails when the layer is built, naming the kernels that exist; an
+    earlier name says the current one; the function checks it in prediction mode too."""
+    names = r"\['auto', 'compiled', 'eager', 'eager_then_compiled', 'native', 'reference'"
+    with pytest.raises(ValueError, match=rf"impl: expected one of {names}.*got 'nativ'"):
+        BatchNorm(3, impl="nativ")
+    with pytest.raises(ValueError, match=r"impl='fast' is now called 'eager'"):
+        BatchNorm(3, impl="fast")
+    x, rm, rv = torch.randn(4, 3), torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="got 'nativ'"):
+        batch_norm(x, None, None, rm, rv, training=False, impl="nativ")
+    assert BatchNorm(3).impl == "auto"

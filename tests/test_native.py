@@ -102,7 +102,7 @@ def test_without_a_build_the_default_warns_once_and_runs_the_eager_kernel(
 
     monkeypatch.setattr(cpp_extension, "load", no_compiling)
     x = make_input((8, 3, 4, 4), torch.float32, False, 60)
-    layer, eager = BatchNorm(3), BatchNorm(3, impl="fast")
+    layer, eager = BatchNorm(3), BatchNorm(3, impl="eager")
     with pytest.warns(native_mod.NativeKernelWarning, match=r"no build in .*`bnlab build`"):
         y = layer(x)
     with warnings.catch_warnings():
@@ -180,7 +180,7 @@ def test_build_failure_is_a_clear_error_and_a_failed_command(
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(cpp_extension, "load", broken)
-    with pytest.raises(native_mod.NativeBuildError, match=r"no compiler here.*impl=.fast"):
+    with pytest.raises(native_mod.NativeBuildError, match=r"no compiler here.*impl=.eager"):
         native_mod.build_native()
     assert main(["build"]) == 1
     err = capsys.readouterr().err

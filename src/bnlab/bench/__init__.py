@@ -47,10 +47,10 @@ class BenchConfig:
     reps: int = 41  # interleaved samples per contender; the median is reported
     warmup: int = 5  # untimed calls per contender first
     min_sample_s: float = 0.002  # a sample times enough calls to last this long
-    compiled: bool = True  # also time impl="fast_compiled" (compiles every case once)
+    compiled: bool = True  # also time impl="compiled" (compiles every case once)
     native: bool = True  # also time impl="native" by name (CPU only; its load is timed apart)
     functions: bool = True  # also time the functions, not only the layers
-    lenet_norms: tuple[str, ...] = ("bnlab", "bnlab_fast", "bnlab_compiled", "torch", "none")
+    lenet_norms: tuple[str, ...] = ("bnlab", "bnlab_eager", "bnlab_compiled", "torch", "none")
     lenet_images: int = 60000  # 0 skips the end-to-end epoch
     lenet_rounds: int = 3  # epochs per norm, interleaved
     batch_size: int = 256
@@ -69,7 +69,7 @@ class BenchConfig:
             warmup=2,
             min_sample_s=0.0005,
             compiled=False,
-            lenet_norms=("bnlab", "bnlab_fast", "torch", "none"),
+            lenet_norms=("bnlab", "bnlab_eager", "torch", "none"),
             lenet_images=4096,
             lenet_rounds=1,
             threads=(torch.get_num_threads(),),

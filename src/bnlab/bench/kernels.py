@@ -5,9 +5,9 @@ Contenders (training: forward and backward to x, γ and β; eval: forward only, 
     native         bnlab.batch_norm(impl="native"), the fused C++ kernel: the default
                    (impl="auto") on the CPU wherever it is built (its load is timed apart, by
                    :func:`prepare_native`, which never compiles)
-    fast           bnlab.batch_norm(impl="fast"), the eager analytic kernel: the default where
-                   the C++ kernel is not built
-    fast_compiled  bnlab.batch_norm(impl="fast_compiled"), after its compile (timed apart)
+    eager          bnlab.batch_norm(impl="eager"), the analytic kernel in eager PyTorch
+                   operations: the default where the C++ kernel is not built
+    compiled       bnlab.batch_norm(impl="compiled"), after its compile (timed apart)
     reference      bnlab.batch_norm(impl="reference"), autograd through the readable math
     naive          the chapter's from-scratch formula, through autograd
     torch          torch.nn.functional.batch_norm, PyTorch's C++/CUDA kernel
@@ -20,7 +20,7 @@ Contenders (training: forward and backward to x, γ and β; eval: forward only, 
 
 In eval the eager bnlab kernels share one path (running statistics folded into a scale and a
 shift), so it is listed once, as "bnlab"; "native" has its own one-pass C++ eval kernel and is
-listed beside it. The native kernel is CPU-only (on other devices it runs the fast kernel), so it
+listed beside it. The native kernel is CPU-only (on other devices it runs the eager kernel), so it
 is measured on the CPU only. :mod:`bnlab.bench.modules` times the layers as users build them.
 """
 
@@ -125,7 +125,7 @@ def prepare_native(device: torch.device) -> NativeStatus:
             None,
             None,
             False,
-            f"the native kernel is CPU-only (on {device.type} it runs the fast kernel)",
+            f"the native kernel is CPU-only (on {device.type} it runs the eager kernel)",
         )
     loaded_before = native_ext.native_load() is not None
     with warnings.catch_warnings():
@@ -147,7 +147,7 @@ class KernelResult:
     channels_last: bool
     mode: Mode
     times: dict[str, Timing]
-    compile_s: float | None  # first call of fast_compiled (forward + backward compiles)
+    compile_s: float | None  # first call of "compiled" (forward + backward compiles)
     threads: int = 1  # torch.get_num_threads() during the measurement
 
     @property
@@ -255,9 +255,9 @@ def _contenders(
         y = F.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=eps)
         return torch.autograd.grad(y, params, g)
 
-    fns["fast"] = bnlab("fast")
+    fns["eager"] = bnlab("eager")
     if compiled:
-        fns["fast_compiled"] = bnlab("fast_compiled")
+        fns["compiled"] = bnlab("compiled")
     if native:
         fns["native"] = bnlab("native")
     fns["reference"] = bnlab("reference")
@@ -296,9 +296,9 @@ def bench_kernel(
     fns = _contenders(shape, channels_last, mode, device, compiled, seed, native)
     sync = synchronizer(device)
     compile_s = None
-    if "fast_compiled" in fns:  # the first call compiles forward and backward: timed apart
+    if "compiled" in fns:  # the first call compiles forward and backward: timed apart
         start = time.perf_counter()  # always wall time: compilation runs in subprocesses too
-        fns["fast_compiled"]()
+        fns["compiled"]()
         sync()
         compile_s = time.perf_counter() - start
     times = time_interleaved(

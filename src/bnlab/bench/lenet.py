@@ -38,9 +38,9 @@ def _none(c: int, rank: int) -> nn.Module:
 
 
 NORMS: dict[str, NormFactory] = {
-    "bnlab": _bnlab("auto"),  # the default: the C++ kernel where built, else "fast"
-    "bnlab_fast": _bnlab("fast"),  # the eager kernel
-    "bnlab_compiled": _bnlab("fast_compiled"),
+    "bnlab": _bnlab("auto"),  # the default: the C++ kernel where built, else "eager"
+    "bnlab_eager": _bnlab("eager"),  # the eager kernel
+    "bnlab_compiled": _bnlab("compiled"),
     "bnlab_native": _bnlab("native"),  # the C++ kernel by name
     "torch": _torch,
     "none": _none,

@@ -5,7 +5,7 @@ the running statistics updated as in a training step; eval: the forward without 
 
     bnlab        ``bnlab.nn.BatchNorm(C)``, the default: impl="auto", the C++ kernel where it
                  is built (the whole step one C++ call), else the eager kernel
-    bnlab_fast   ``bnlab.nn.BatchNorm(C, impl="fast")``, the eager kernel, what the default
+    bnlab_eager   ``bnlab.nn.BatchNorm(C, impl="eager")``, the eager kernel, what the default
                  runs where the C++ kernel is not built
     torch        ``torch.nn.BatchNorm1d/2d/3d(C)``, PyTorch's layer
 
@@ -41,7 +41,7 @@ def torch_layer(c: int, rank: int) -> nn.Module:
 def layers(c: int, rank: int) -> dict[str, nn.Module]:
     return {
         "bnlab": BatchNorm(c),
-        "bnlab_fast": BatchNorm(c, impl="fast"),
+        "bnlab_eager": BatchNorm(c, impl="eager"),
         BASELINE: torch_layer(c, rank),
     }
 

@@ -17,8 +17,8 @@ from bnlab.bench.startup import FirstStep
 
 TRAIN_NAMES = (
     "native",
-    "fast",
-    "fast_compiled",
+    "eager",
+    "compiled",
     "reference",
     "naive",
     "torch",
@@ -26,7 +26,7 @@ TRAIN_NAMES = (
     "floor_alloc",
 )
 EVAL_NAMES = ("native", "bnlab", "naive", "torch", "floor", "floor_alloc")
-LAYER_NAMES = ("bnlab", "bnlab_fast", "torch")
+LAYER_NAMES = ("bnlab", "bnlab_eager", "torch")
 DEFAULT_LAYER = "bnlab"  # bnlab.nn.BatchNorm(C) with its default kernel
 # the goals of the issue the default was built for (docs/speed.md)
 LAYER_TARGET = 1.0  # layer training and eval, every case, as a ratio to torch's layer
@@ -269,7 +269,7 @@ class BenchResult:
             )
         if self.native is not None:
             return (
-                'the default kernel (impl="auto") is the eager kernel ("fast") here: the C++ '
+                'the default kernel (impl="auto") is the eager kernel ("eager") here: the C++ '
                 f"kernel is {self.native.describe()}"
             )
         return 'the default kernel is impl="auto"'
@@ -361,7 +361,7 @@ def _table(
         return []
     present = [n for n in names if n in rows[0].times or (n == "native" and unavailable)]
     head = ["shape", "layout", *present]
-    compiled = "fast_compiled" in present
+    compiled = "compiled" in present
     if compiled:
         head.append("compile s")
     lines = ["", f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

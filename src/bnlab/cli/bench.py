@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="time impl='fast_compiled' too (default: yes, except with --quick)",
+        help="time impl='compiled' too (default: yes, except with --quick)",
     )
     parser.add_argument(
         "--native",
@@ -144,7 +144,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.native is not None:
         changes["native"] = args.native
     elif not args.device.startswith("cpu"):
-        changes["native"] = False  # CPU-only: elsewhere impl="native" runs the fast kernel
+        changes["native"] = False  # CPU-only: elsewhere impl="native" runs the eager kernel
     if args.clock is not None:
         changes["clock"] = args.clock
     if args.threads is not None:

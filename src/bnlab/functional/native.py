@@ -1,5 +1,5 @@
-"""``impl="native"``: the fast kernel's math as fused C++ loops for CPU tensors, and ``impl="auto"``
-(the default), which runs it wherever it is built.
+"""``impl="native"``: the analytic kernel's math (:mod:`bnlab.functional.fast`) as fused C++
+loops for CPU tensors, and ``impl="auto"`` (the default), which runs it wherever it is built.
 
 On small tensors an eager PyTorch operation costs more in dispatch than in arithmetic, and the
 analytic kernel of :mod:`bnlab.functional.fast` needs a dozen of them per pass; here forward,
@@ -19,12 +19,12 @@ process exactly, so a build for another torch is never loaded (its ABI would not
 Loading takes milliseconds and never compiles:
 
 * ``impl="auto"`` runs the C++ kernel for CPU tensors when a build is there, and otherwise the
-  eager ``"fast"`` kernel, after one :class:`NativeKernelWarning` that names ``bnlab build``;
-  on other devices it is ``"fast"``.
+  ``"eager"`` kernel, after one :class:`NativeKernelWarning` that names ``bnlab build``;
+  on other devices it is ``"eager"``.
 * ``impl="native"`` asks for the C++ kernel by name: without a build it compiles one on first
   use (about a minute on two cores), and raises :class:`NativeBuildError` if it cannot.
 
-Where the C++ kernel does not apply, both use the eager ``fast`` kernel instead: CUDA tensors,
+Where the C++ kernel does not apply, both use the ``"eager"`` kernel instead: CUDA tensors,
 code being traced by ``torch.compile``, torch.func transforms and forward-mode AD.
 
 Outputs of 1 MiB or more (y, and ∂x in the backward) take their memory from a cache of freed
@@ -283,7 +283,7 @@ def build_native(*, force: bool = False) -> ModuleType:
     except Exception as e:
         raise NativeBuildError(
             f"bnlab: could not build the C++ batch-norm kernel ({type(e).__name__}: {e}). "
-            "It needs a C++ compiler (g++) and ninja (pip install ninja). Use impl='fast' for "
+            "It needs a C++ compiler (g++) and ninja (pip install ninja). Use impl='eager' for "
             "the same math in eager PyTorch operations, which needs neither."
         ) from e
     tmp = directory / (BUILD_INFO + ".tmp")
@@ -353,7 +353,7 @@ def native_train(
 def auto_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``impl="auto"`` training kernel: the C++ one where it is built and applies, else "fast"."""
+    """``impl="auto"`` training kernel: the C++ one where it is built and applies, else "eager"."""
     ext = _auto(x)
     if ext is None:
         return fast_train(x, weight, bias, eps)
@@ -369,7 +369,7 @@ def _train_update(
     eps: float,
     running_mean: Tensor,
     running_var: Tensor,
-    w: float,
+    w: float | Tensor,
     unbiased: bool,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     if ext is None:
@@ -389,7 +389,7 @@ def native_train_update(
     eps: float,
     running_mean: Tensor,
     running_var: Tensor,
-    w: float,
+    w: float | Tensor,
     unbiased: bool,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """``impl="native"`` training step with the running-statistic update in the same call, or
@@ -405,7 +405,7 @@ def auto_train_update(
     eps: float,
     running_mean: Tensor,
     running_var: Tensor,
-    w: float,
+    w: float | Tensor,
     unbiased: bool,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """``impl="auto"``: :func:`native_train_update` where the C++ kernel is built, else None."""
