@@ -539,3 +539,16 @@ def test_bad_input_is_explained() -> None:
         SyncBatchNorm(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="channels on axis 1"):
         SyncBatchNorm(3)(torch.randn(4, 2))
+
+
+def test_positional_arguments_follow_torch_sync_batchnorm() -> None:
+    # torch.nn.SyncBatchNorm(num_features, eps, momentum, affine, track_running_stats,
+    # process_group, device, dtype)
+    args = (3, 1e-3, 0.2, False, False, None, "cpu", torch.float64)
+    ours, theirs = SyncBatchNorm(*args), nn.SyncBatchNorm(*args)
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.process_group is None and ours.weight is None and ours.running_mean is None
+    assert SyncBatchNorm(4, dtype=torch.float64, num_dims=3).num_dims == 3
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
