@@ -13,6 +13,7 @@ import pytest
 from bnlab.cli import SUBCOMMANDS, build_parser
 from bnlab.train import TrainConfig
 from bnlab.train.config import config_overrides
+from bnlab.train.loop import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -91,7 +92,8 @@ def test_a_command_in_the_docs_parses(
         assert e.code == 0, f"{where}: bnlab {shlex.join(argv)}: {why}"
         return
     if argv[0] == "train" and args.resume is None:
-        TrainConfig(**config_overrides(args, TrainConfig))  # the values, not only the flags
+        # the values too, not only the flags: the config and the model it describes
+        build_model(TrainConfig(**config_overrides(args, TrainConfig)))
 
 
 def test_the_extraction_finds_what_the_docs_show(tmp_path: Path) -> None:
