@@ -264,3 +264,19 @@ def test_interleaved_timing_validates_and_counts() -> None:
     assert t["a"].samples == 4 and t["a"].inner == 1
     with pytest.raises(ValueError, match="reps >= 1"):
         time_interleaved({"a": lambda: None}, reps=0, warmup=1, min_sample_s=0, sync=lambda: None)
+
+
+def test_paired_ratio_interval_brackets_the_median() -> None:
+    """The sign-test interval: for n = 21 the 6th and 16th of the sorted per-round ratios
+    (97.3 % coverage, the smallest interval with at least 95 %)."""
+    from bnlab.bench.timing import Timing, median_ci_ranks, paired_ratio
+
+    assert median_ci_ranks(21) == (6, 16) and median_ci_ranks(5) is None
+    base = tuple(float(i) for i in range(1, 22))
+    a = Timing(0, 0, 0, 21, 1, tuple(v * (0.5 + i / 40) for i, v in enumerate(base)))
+    b = Timing(0, 0, 0, 21, 1, base)
+    r = paired_ratio(a, b)
+    ratios = sorted(0.5 + i / 40 for i in range(21))
+    assert r.n == 21 and r.median == ratios[10]
+    assert (r.low, r.high) == (ratios[5], ratios[15])
+    assert r.describe() == f"{ratios[10]:.2f}x [{ratios[5]:.2f}, {ratios[15]:.2f}]"

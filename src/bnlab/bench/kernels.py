@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bnlab.bench.timing import Clock, Timing, clock_function, synchronizer, time_interleaved
+from bnlab.bench.timing import (
+    Clock,
+    Ratio,
+    Timing,
+    clock_function,
+    paired_ratio,
+    synchronizer,
+    time_interleaved,
+)
 from bnlab.functional import fast as fast  # registers the fast kernels
 from bnlab.functional import native as native_ext  # registers impl="native" and "auto"
 from bnlab.functional.batch_norm import batch_norm
@@ -156,6 +164,10 @@ class KernelResult:
 
     def ratio(self, name: str) -> float:
         return self.times[name].median_s / self.times[BASELINE].median_s
+
+    def paired_ratio(self, name: str) -> Ratio:
+        """``name`` / torch per interleaved round: median and 95% confidence interval."""
+        return paired_ratio(self.times[name], self.times[BASELINE])
 
 
 def _inputs(

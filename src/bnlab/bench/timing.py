@@ -22,6 +22,49 @@ class Timing:
     q3_s: float
     samples: int
     inner: int
+    values: tuple[float, ...] = ()  # every sample, in the order of the interleaved rounds
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """The median over rounds of a paired ratio (a's sample / b's sample of the same
+    interleaved round) and its distribution-free 95% confidence interval (order statistics of
+    the n ratios; None when n is too small for one)."""
+
+    median: float
+    low: float | None
+    high: float | None
+    n: int
+
+    def describe(self) -> str:
+        if self.low is None or self.high is None:
+            return f"{self.median:.2f}x (n={self.n})"
+        return f"{self.median:.2f}x [{self.low:.2f}, {self.high:.2f}]"
+
+
+def median_ci_ranks(n: int, level: float = 0.95) -> tuple[int, int] | None:
+    """1-based ranks (k, n + 1 - k) of the order statistics that bound the median with at least
+    ``level`` confidence (the binomial(n, 1/2) sign-test interval), or None if n is too small."""
+    tail = (1.0 - level) / 2
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) < k + 1)
+    while True:
+        p_next = below + math.comb(n, k) / 2**n
+        if p_next > tail:
+            break
+        below, k = p_next, k + 1
+    return (k, n + 1 - k) if k >= 1 else None
+
+
+def paired_ratio(a: Timing, b: Timing) -> Ratio:
+    """a / b over the rounds both were sampled in (see :class:`Ratio`)."""
+    ratios = sorted(x / y for x, y in zip(a.values, b.values, strict=True) if y > 0)
+    if not ratios:
+        return Ratio(a.median_s / b.median_s, None, None, 0)
+    ranks = median_ci_ranks(len(ratios))
+    med = statistics.median(ratios)
+    if ranks is None:
+        return Ratio(med, None, None, len(ratios))
+    return Ratio(med, ratios[ranks[0] - 1], ratios[ranks[1] - 1], len(ratios))
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -91,5 +134,5 @@ def time_interleaved(
     out = {}
     for name, ts in samples.items():
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        out[name] = Timing(statistics.median(ts), q[0], q[2], len(ts), inner[name])
+        out[name] = Timing(statistics.median(ts), q[0], q[2], len(ts), inner[name], tuple(ts))
     return out

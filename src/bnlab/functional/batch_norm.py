@@ -57,9 +57,19 @@ class Convention:
     unbiased_running_var: bool  # True: n/(n-1) correction before averaging (PyTorch)
     default_momentum: float
 
-    def new_batch_weight(self, momentum: float | None, batches_seen: int) -> float:
-        """The weight w on the new batch's statistics (see the module docstring)."""
+    def new_batch_weight(
+        self,
+        momentum: float | None,
+        batches_seen: int | Tensor,
+        dtype: torch.dtype = torch.float32,
+    ) -> float | Tensor:
+        """The weight w on the new batch's statistics (see the module docstring). A tensor
+        count (a layer's ``num_batches_tracked``) gives a tensor w of ``dtype``, so tracing
+        (torch.compile, torch.export, torch.func) needs no data-dependent Python number; it
+        equals the float w rounded to ``dtype``."""
         if momentum is None:
+            if isinstance(batches_seen, Tensor):
+                return (batches_seen + 1).to(dtype).reciprocal()
             return 1.0 / (batches_seen + 1)
         return 1.0 - momentum if self.momentum_is_decay else momentum
 
@@ -141,10 +151,11 @@ EVAL_KERNELS: dict[str, EvalKernel] = {}
 
 # A training kernel that also updates the running statistics in the same call:
 # (x, weight, bias, eps, running_mean, running_var, w, unbiased) -> (y, new_mean, new_var),
-# with w the weight on the new batch and unbiased the n/(n-1) correction (see running_update),
+# with w the weight on the new batch (a 0-dim tensor when momentum is None) and unbiased the
+# n/(n-1) correction (see running_update),
 # or None to decline this input (then the train kernel and running_update run instead).
 UpdatingKernel = Callable[
-    [Tensor, Tensor | None, Tensor | None, float, Tensor, Tensor, float, bool],
+    [Tensor, Tensor | None, Tensor | None, float, Tensor, Tensor, float | Tensor, bool],
     tuple[Tensor, Tensor, Tensor] | None,
 ]
 UPDATING_KERNELS: dict[str, UpdatingKernel] = {}
@@ -161,7 +172,7 @@ def batch_norm(
     momentum: MomentumArg = DEFAULT_MOMENTUM,
     eps: float = 1e-5,
     convention: str | Convention | None = None,
-    num_batches_tracked: int = 0,
+    num_batches_tracked: int | Tensor = 0,
     channel_axis: int = 1,
     impl: str = "auto",
     mask: Tensor | None = None,
@@ -184,7 +195,8 @@ def batch_norm(
             used, >= 0 with running statistics (as ``torch.nn.functional.batch_norm``).
         convention: "torch" (the default), "d2l", "mxnet", "keras", "flax" or a ``Convention``.
             Left out, a momentum above 0.5 warns: it looks like a decay-style momentum.
-        num_batches_tracked: batches already averaged in (used only when momentum is None).
+        num_batches_tracked: batches already averaged in (used only when momentum is None);
+            an int, or a 0-dim integer tensor (a layer's buffer) for code that is traced.
         channel_axis: the channel axis (1 as in PyTorch; -1 for channels-last data laid out
             as (N, H, W, C), as Keras/Flax default to).
         impl: the kernel (docs/speed.md): "auto" (default: the C++ kernel "native" for CPU
@@ -302,7 +314,7 @@ def batch_norm(
             eps,
             running_mean,
             running_var,
-            conv.new_batch_weight(m, num_batches_tracked),
+            conv.new_batch_weight(m, num_batches_tracked, accumulation_dtype(running_mean.dtype)),
             conv.unbiased_running_var,
         )
         if fused is not None:
@@ -336,7 +348,7 @@ def _masked_batch_norm(
     eps: float,
     convention: Convention,
     momentum: float | None,
-    num_batches_tracked: int,
+    num_batches_tracked: int | Tensor,
     tracking: bool,
     stats_shape: torch.Size | None,
 ) -> BatchNormResult:
@@ -436,20 +448,26 @@ def running_update(
     *,
     convention: Convention,
     momentum: float | None,
-    num_batches_tracked: int,
+    num_batches_tracked: int | Tensor,
 ) -> tuple[Tensor, Tensor]:
     """One step of the running estimates (the module docstring's update):
     ``r ← (1 - w)·r + w·s`` with ``w`` from the convention and ``s`` the batch mean and the
     (biased or, for PyTorch's convention, unbiased) batch variance over ``count`` values
     (a tensor count keeps the update on the device, without a host synchronization)."""
-    w = convention.new_batch_weight(momentum, num_batches_tracked)
+    dtype = running_mean.dtype
+    w = convention.new_batch_weight(momentum, num_batches_tracked, accumulation_dtype(dtype))
     # lerp(r, s, w) = r + w·(s - r): one operation per statistic (this runs every training
     # step, where small operations cost more in dispatch than in arithmetic)
     mean, var = mean.detach(), var.detach()
     if convention.unbiased_running_var:
         var = var * (count / (count - 1))
-    new_mean = torch.lerp(running_mean.detach(), mean.to(running_mean.dtype), w)
-    new_var = torch.lerp(running_var.detach(), var.to(running_var.dtype), w)
+    if isinstance(w, Tensor) and w.dtype != dtype:  # half statistics: a float32 tensor weight
+        # blends in float32 and rounds once, as lerp with a Python weight does internally
+        new_mean = torch.lerp(running_mean.detach().to(w.dtype), mean.to(dtype).to(w.dtype), w)
+        new_var = torch.lerp(running_var.detach().to(w.dtype), var.to(dtype).to(w.dtype), w)
+        return new_mean.to(dtype), new_var.to(dtype)
+    new_mean = torch.lerp(running_mean.detach(), mean.to(dtype), w)
+    new_var = torch.lerp(running_var.detach(), var.to(dtype), w)
     return new_mean, new_var
 
 

@@ -454,6 +454,9 @@ class _FastBatchNorm(torch.autograd.Function):
         if dy is None:
             return None, None, None, None, None
         x, weight, mean, invstd = ctx.saved_tensors
+        if torch.is_autocast_enabled(dy.device.type):  # a backward inside autocast (see above)
+            with torch.autocast(dy.device.type, enabled=False):
+                return _FastBatchNorm.backward(ctx, dy, _dmean, _dvar)
         if torch.is_grad_enabled():  # create_graph=True: keep the graph of the backward
             dx, dw, db = _backward_differentiable(dy, x, weight, ctx.eps)
         else:
@@ -486,6 +489,11 @@ def fallback_needed() -> bool:
 def _fast_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, policy: Policy
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast would run linalg.vecdot (the rows layout's sums) in float16/bfloat16: the
+        # kernel already computes in float32 and returns the input's dtype, as torch's BN does
+        with torch.autocast(x.device.type, enabled=False):
+            return _fast_train(x, weight, bias, eps, policy)
     if fallback_needed():
         return reference_train(x, weight, bias, eps)
     grad = torch.is_grad_enabled() and any(

@@ -269,8 +269,10 @@ class BatchNorm(nn.Module):
         # as torch: in training, running statistics go in only when they are being tracked
         # (track_running_stats may be switched off after construction)
         keep = not batch_stats or self.track_running_stats
+        # the count as a tensor: momentum=None then weights the batch 1/(k+1) without reading
+        # k back to Python, which torch.compile, torch.export and torch.func cannot trace
         batches_seen = (
-            int(self.num_batches_tracked)
+            self.num_batches_tracked
             if (update and self.momentum is None and self.num_batches_tracked is not None)
             else 0
         )
