@@ -382,3 +382,16 @@ def test_curves_have_ticks_only_at_whole_epochs(epochs: int) -> None:
     ticks = [t for t in ax.get_xticks() if low <= t <= high]
     assert ticks and all(float(t).is_integer() and 1 <= t <= epochs for t in ticks)
     assert (low, high) == (0.5, epochs + 0.5)
+
+
+def test_a_subset_larger_than_the_data_is_refused(tmp_path: Path) -> None:
+    data = synthetic(n_train=300, n_test=100)
+    with pytest.raises(
+        ConfigError, match=r"subset: expected at most the 300 training images.*--subset"
+    ):
+        train(config(tmp_path, subset=301), data, progress=False)
+    with pytest.raises(
+        ConfigError, match=r"test_subset: .* 100 test images, got 101.*--test-subset"
+    ):
+        train(config(tmp_path, test_subset=101), data, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bnlab.distributed import current_plan
 from bnlab.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from bnlab.train.config import ConfigError, TrainConfig, describe_fields
+from bnlab.train.config import ConfigError, TrainConfig, describe_fields, flag_of
 from bnlab.train.loop import (
     Dataset,
     EpochStats,
@@ -79,6 +79,22 @@ def _step_hook(
     return hook
 
 
+def _split(
+    images: Any, labels: Any, config: TrainConfig, field: str, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The first ``config.<field>`` examples (all when None) as device tensors."""
+    n: int | None = getattr(config, field)
+    if n is not None:
+        if n > len(images):
+            what = "training" if field == "subset" else "test"
+            raise ConfigError(
+                f"{field}: expected at most the {len(images)} {what} images, got {n}. Leave "
+                f"{flag_of(field)} out to use them all."
+            )
+        images, labels = images[:n], labels[:n]
+    return to_device_tensors(images, labels, device)
+
+
 def _tensors(
     config: TrainConfig, data: Dataset | None, device: torch.device, progress: bool | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Any]]:
@@ -90,27 +106,8 @@ def _tensors(
         info = {"data_source": str(fmnist.source), "data_official": bool(fmnist.official)}
         data = fmnist
     assert data is not None  # for the type checker
-    images, labels = data.train_images, data.train_labels
-    if config.subset is not None:
-        if config.subset > len(images):
-            raise ConfigError(
-                f"subset: expected at most the {len(images)} training images, got "
-                f"{config.subset}. Leave --subset out to use them all."
-            )
-        images, labels = images[: config.subset], labels[: config.subset]
-    test_images, test_labels = data.test_images, data.test_labels
-    if config.test_subset is not None:
-        if config.test_subset > len(test_images):
-            raise ConfigError(
-                f"test_subset: expected at most the {len(test_images)} test images, got "
-                f"{config.test_subset}. Leave --test-subset out to use them all."
-            )
-        test_images, test_labels = (
-            test_images[: config.test_subset],
-            test_labels[: config.test_subset],
-        )
-    train_x, train_y = to_device_tensors(images, labels, device)
-    test_x, test_y = to_device_tensors(test_images, test_labels, device)
+    train_x, train_y = _split(data.train_images, data.train_labels, config, "subset", device)
+    test_x, test_y = _split(data.test_images, data.test_labels, config, "test_subset", device)
     return train_x, train_y, test_x, test_y, info
 
 
