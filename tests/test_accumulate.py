@@ -169,6 +169,17 @@ def test_an_error_in_the_block_drops_the_partial_group() -> None:
     for key, value in layer.state_dict().items():
         assert torch.equal(value, after_group[key]), key
     assert not layer._forward_pre_hooks and not layer._forward_hooks
+    block = accumulate_bn(layer, micro_batches=2)
+    with pytest.raises(RuntimeError, match="again"), block:
+        layer(group[3])
+        raise RuntimeError("again")
+    with block:  # entered again: the dropped micro-batch is not in the next group
+        layer(group[0])
+        layer(group[1])
+    reference = copy.deepcopy(layer)
+    reference.load_state_dict(after_group)
+    reference(torch.cat(group[:2]))
+    _assert_same_stats(layer, reference)
 
 
 def test_a_failing_micro_batch_leaves_the_buffers_alone() -> None:

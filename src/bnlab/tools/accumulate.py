@@ -132,8 +132,10 @@ class _AccumulateBN:
         self._handles.clear()
         for _, bn in self._bns:  # a call that raised left its copies in place
             self._put_back(bn, self._groups[id(bn)])
-        if exc_type is not None:
-            return  # the error propagates; a half-accumulated group is dropped
+        if exc_type is not None:  # the error propagates; half-accumulated groups are dropped
+            for group in self._groups.values():
+                group.stats, group.calls = None, 0
+            return
         partial = [(bn, g) for _, bn in self._bns if (g := self._groups[id(bn)]).calls > 0]
         calls = sorted({g.calls for _, g in partial})
         for bn, group in partial:
