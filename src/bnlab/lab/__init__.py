@@ -8,6 +8,7 @@ build_report(results_dir, out_dir)    report.md + self-contained report.html + f
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -17,8 +18,10 @@ from typing import Any
 
 import torch
 
+from bnlab._io import atomic_write_text
+from bnlab._machine import cpu_model
 from bnlab.lab.experiments import EXPERIMENTS
-from bnlab.lab.plan import ResultStore, Run, Where, atomic_write_text, execute_plan
+from bnlab.lab.plan import ResultStore, Run, Where, execute_plan
 from bnlab.lab.report import Section, render_html, render_markdown
 from bnlab.lab.scale import Scale, make_scale
 
@@ -134,18 +137,8 @@ def now() -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

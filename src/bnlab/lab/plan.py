@@ -15,7 +15,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from bnlab._io import atomic_write_text
 
 RESULT_VERSION = 2  # bump when a task's result format changes: old cache entries are ignored
 
@@ -124,20 +123,6 @@ class ResultStore:
         atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True)
 class Where:
     """How runs execute; never part of a run's key (results do not depend on it)."""
@@ -187,6 +172,8 @@ def execute_plan(
             todo.append(run)
         else:
             results[run] = cached
+    from tqdm.auto import tqdm  # here: a notebook importing the lab needs no widget support
+
     where = where or Where()
     bar = tqdm(total=len(todo), desc="plan", unit="run", disable=not progress or not todo)
     try:
