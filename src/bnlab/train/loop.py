@@ -144,11 +144,14 @@ def train_epoch(
     desc: str = "train",
     step_hook: Callable[[int], None] | None = None,
     shard: Callable[[Tensor], Tensor] | None = None,
+    before_step: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> tuple[float, float, int]:
     """One pass over ``x`` (N, 1, H, W) in a fresh random order; returns (mean loss, accuracy,
     examples used). ``progress``: a tqdm bar (None: only on a terminal). ``step_hook(step)``
     runs after each optimizer step (1-based). ``shard(indices)``: the part of each batch this
-    process trains on, in a data-parallel run (bnlab.distributed)."""
+    process trains on, in a data-parallel run (bnlab.distributed). ``before_step(step, xb,
+    yb)`` runs before each step's forward pass (1-based step), with the batch the step trains
+    on and the weights it starts from: measurements of the step about to be taken go there."""
     model.train()
     device = x.device
     # A CPU generator gives the same order on every device; (N,) int64, moved once.
@@ -169,6 +172,8 @@ def train_epoch(
     for step, (a, b) in enumerate(bounds, start=1):
         idx = perm[a:b] if shard is None else shard(perm[a:b])
         xb, yb = x[idx], y[idx]  # (B, 1, H, W), (B,)
+        if before_step is not None:
+            before_step(step, xb, yb)
         logits = model(xb)  # (B, classes)
         loss = loss_fn(logits, yb)
         optimizer.zero_grad(set_to_none=True)
