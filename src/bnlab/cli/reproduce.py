@@ -1,8 +1,8 @@
 """Run the chapter's experiments (cached and resumable), then write the report.
 
 Every experiment's runs are cached in the results directory: rerunning, or running after a
-kill, computes only what is missing. `--quick` uses a data subset, fewer epochs and one seed,
-finishes in a few minutes on two cores, and is labelled as such in the report.
+kill, computes only what is missing. `--quick` uses a data subset, 2 epochs and 2 seeds,
+finishes in minutes on two cores, and is labelled a smoke run (not evidence) in the report.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from bnlab.lab.experiments import EXPERIMENTS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--quick", action="store_true", help="a few-minute version: 4096 images, 2 epochs, 1 seed"
+        "--quick",
+        action="store_true",
+        help="a smoke run of the pipeline: 4096 images, 2 epochs, 2 seeds",
     )
     parser.add_argument(
         "--only",
@@ -28,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds",
         type=int,
         default=None,
-        help="seeds per configuration (default: 3 full, 1 quick; some "
-        "experiments cap it at 2, as their section says)",
+        help="seeds per arm, at least 2 (default: 5 full, 3 in the costly sweeps lr, "
+        "batch-size and controversy; 2 quick)",
     )
     parser.add_argument(
         "--epochs", type=int, default=None, help="epochs per run (default: 10 full, 2 quick)"
@@ -81,7 +83,11 @@ def run(args: argparse.Namespace) -> int:
     from bnlab.data import DATA_DIR_ENV, DataError
     from bnlab.lab import build_report, make_scale, reproduce
 
-    scale = make_scale(args.quick, args.seeds, args.epochs)
+    try:
+        scale = make_scale(args.quick, args.seeds, args.epochs)
+    except ValueError as e:
+        print(f"bnlab reproduce: {e}")
+        return 2
     results = args.results or f"results/{scale.name}"
     if args.data_dir is not None:
         # the runs load the dataset in worker processes, which inherit the environment
