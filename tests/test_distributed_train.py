@@ -9,6 +9,7 @@ drives the same steps through bnlab.distributed's plan, as a training loop does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from bnlab.distributed import DataParallel, SingleProcess, current_plan, launch
 from bnlab.distributed.cli import add_arguments, run_distributed
 from bnlab.nn import SyncBatchNorm
-from bnlab.train import TrainConfig, evaluate, train, train_epoch
+from bnlab.train import TrainConfig, evaluate, resume, train, train_epoch
 from bnlab.train.checkpoint import load_checkpoint
 from bnlab.train.loop import batch_bounds, build_model
 
@@ -197,10 +198,18 @@ def _images() -> _Images:
 def _train_worker(out: str) -> dict[str, Any]:
     config = TrainConfig(epochs=2, batch_size=BATCH, sync_bn=False, out=out, device="cpu")
     result = train(config, _images(), progress=False)
+    # the same run stopped after epoch 1 and resumed: every rank restarts from the checkpoint
+    first = dataclasses.replace(config, epochs=1, out=out + "-resumed")
+    train(first, _images(), progress=False)
+    dist.barrier()  # rank 0's checkpoint is on disk before any rank reads it
+    resumed = resume(out + "-resumed", _images(), progress=False, epochs=2)
     return {
         "state": result.model.state_dict(),
+        "history": [(h.train_loss, h.train_acc, h.test_acc) for h in result.history],
         "test_acc": [h.test_acc for h in result.history],
         "sync_layers": sum(isinstance(m, SyncBatchNorm) for m in result.model.modules()),
+        "resumed_state": resumed.model.state_dict(),
+        "resumed_history": [(h.train_loss, h.train_acc, h.test_acc) for h in resumed.history],
     }
 
 
@@ -238,7 +247,9 @@ def test_sync_running_stats_gives_every_rank_the_combination(
             torch.testing.assert_close(run["after"][key].double(), want, rtol=1e-12, atol=0)
 
 
-def test_train_with_per_process_bn_tests_and_saves_one_set_of_statistics(tmp_path: Path) -> None:
+def test_train_with_per_process_bn_tests_saves_and_resumes_one_set_of_statistics(
+    tmp_path: Path,
+) -> None:
     out = str(tmp_path / "run")
     runs = launch(_train_worker, 2, (out,), backend="gloo", timeout_s=60, join_timeout_s=240)
     saved = load_checkpoint(Path(out) / "checkpoint.pt")
@@ -248,6 +259,10 @@ def test_train_with_per_process_bn_tests_and_saves_one_set_of_statistics(tmp_pat
         assert run["test_acc"] == runs[0]["test_acc"]
         for key, value in saved["model"].items():
             assert torch.equal(run["state"][key], value), key  # every rank holds what was saved
+        # resumed after epoch 1 on every rank: the same as uninterrupted, bit for bit
+        assert run["resumed_history"] == run["history"]
+        for key, value in run["state"].items():
+            assert torch.equal(run["resumed_state"][key], value), key
 
 
 def test_single_process_plan_is_the_identity() -> None:
