@@ -1,5 +1,7 @@
-"""Datasets held in memory as tensors: Fashion-MNIST, loaded from gzipped IDX files."""
+"""Datasets held in memory as tensors: Fashion-MNIST, loaded from gzipped IDX files, and
+corrupted copies of images for test-time shifts (:mod:`bnlab.data.corrupt`)."""
 
+from bnlab.data.corrupt import CORRUPTIONS, corrupt
 from bnlab.data.fashion_mnist import (
     CLASS_NAMES,
     DATA_DIR_ENV,
@@ -14,11 +16,13 @@ from bnlab.data.idx import DataError
 
 __all__ = [
     "CLASS_NAMES",
+    "CORRUPTIONS",
     "DATA_DIR_ENV",
     "FASHION_MNIST_SPEC",
     "DataError",
     "FashionMNIST",
     "cache_dir",
+    "corrupt",
     "load_fashion_mnist",
     "resolve_data_dir",
     "to_float_batches",
