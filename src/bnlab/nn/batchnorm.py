@@ -356,7 +356,10 @@ class LazyBatchNorm(LazyModuleMixin, BatchNorm):
 
     cls_to_become = BatchNorm
 
-    def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
+    def initialize_parameters(  # type: ignore[override]
+        self, input: Tensor, mask: Tensor | None = None
+    ) -> None:
+        # called with forward's arguments; C comes from the input alone
         if not self.has_uninitialized_params():
             return
         self.num_features = int(input.shape[self._check_input(input)])

@@ -91,6 +91,19 @@ class TrainConfig:
     batch_size: int = option(
         256, "minibatch size (>= 2: BN needs two values per channel)", metavar="N"
     )
+    micro_batches: int = option(
+        1,
+        "gradient accumulation: split each batch into N micro-batches, one forward/backward "
+        "each, and take one optimizer step per batch (BN normalizes each micro-batch with its "
+        "own statistics)",
+        metavar="N",
+    )
+    accumulate_bn: bool = option(
+        False,
+        "with --micro-batches N > 1: update the BN running statistics once per optimizer step, "
+        "from the merged statistics of its N micro-batches (bnlab.tools.accumulate_bn), "
+        "instead of once per micro-batch",
+    )
     seed: int = option(0, "seed of the weight init, the shuffling and dropout", metavar="N")
     subset: int | None = option(
         None,
@@ -145,6 +158,7 @@ class TrainConfig:
             ("subset", 2),
             ("test_subset", 1),
             ("threads", 1),
+            ("micro_batches", 1),
         ):
             value = getattr(self, name)
             if value is not None and value < low:
@@ -155,6 +169,18 @@ class TrainConfig:
                     else ""
                 )
                 raise ConfigError(f"{name}: expected an int >= {low}, got {value}.{extra}")
+        if self.batch_size < 2 * self.micro_batches:
+            raise ConfigError(
+                f"micro_batches: each of the {self.micro_batches} micro-batches needs at least 2 "
+                f"examples for BN's statistics, so expected batch_size >= "
+                f"{2 * self.micro_batches}, got {self.batch_size}. Use fewer micro-batches or a "
+                "larger batch."
+            )
+        if self.accumulate_bn and self.micro_batches == 1:
+            raise ConfigError(
+                "accumulate_bn: expected --micro-batches N > 1 (with one micro-batch per step "
+                "the running statistics are already updated once per step), got 1."
+            )
         if not self.lr > 0:
             raise ConfigError(f"lr: expected a positive learning rate such as 1.0, got {self.lr}.")
         if not 0 <= self.dropout < 1:

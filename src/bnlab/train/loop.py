@@ -145,13 +145,17 @@ def train_epoch(
     step_hook: Callable[[int], None] | None = None,
     shard: Callable[[Tensor], Tensor] | None = None,
     before_step: Callable[[int, Tensor, Tensor], None] | None = None,
+    micro_batches: int = 1,
 ) -> tuple[float, float, int]:
     """One pass over ``x`` (N, 1, H, W) in a fresh random order; returns (mean loss, accuracy,
     examples used). ``progress``: a tqdm bar (None: only on a terminal). ``step_hook(step)``
     runs after each optimizer step (1-based). ``shard(indices)``: the part of each batch this
     process trains on, in a data-parallel run (bnlab.distributed). ``before_step(step, xb,
     yb)`` runs before each step's forward pass (1-based step), with the batch the step trains
-    on and the weights it starts from: measurements of the step about to be taken go there."""
+    on and the weights it starts from: measurements of the step about to be taken go there.
+    ``micro_batches=k``: gradient accumulation, each batch split into k micro-batches whose
+    forward and backward run one after the other (each loss weighted by its share of the
+    batch, so the gradient is the batch's mean-loss gradient) before one optimizer step."""
     model.train()
     device = x.device
     # A CPU generator gives the same order on every device; (N,) int64, moved once.
@@ -174,14 +178,25 @@ def train_epoch(
         xb, yb = x[idx], y[idx]  # (B, 1, H, W), (B,)
         if before_step is not None:
             before_step(step, xb, yb)
-        logits = model(xb)  # (B, classes)
-        loss = loss_fn(logits, yb)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if micro_batches == 1:
+            logits = model(xb)  # (B, classes)
+            loss = loss_fn(logits, yb)
+            loss.backward()
+            with torch.no_grad():
+                loss_sum.add_(loss.detach(), alpha=b - a)
+                correct.add_((logits.argmax(dim=1) == yb).sum())
+        else:
+            for xm, ym in zip(
+                xb.tensor_split(micro_batches), yb.tensor_split(micro_batches), strict=True
+            ):
+                logits = model(xm)  # (B/k, classes)
+                loss = loss_fn(logits, ym)
+                (loss * (len(ym) / len(yb))).backward()
+                with torch.no_grad():
+                    loss_sum.add_(loss.detach(), alpha=len(ym))
+                    correct.add_((logits.argmax(dim=1) == ym).sum())
         optimizer.step()
-        with torch.no_grad():
-            loss_sum.add_(loss.detach(), alpha=b - a)
-            correct.add_((logits.argmax(dim=1) == yb).sum())
         seen += b - a
         if step_hook is not None:
             step_hook(step)

@@ -144,19 +144,21 @@ def _fit(
     kill = _kill_step()
     for epoch in range(len(history) + 1, config.epochs + 1):
         t0 = time.perf_counter()
-        loss, acc, seen = train_epoch(
-            net,
-            optimizer,
-            train_x,
-            train_y,
-            batch_size=config.batch_size,
-            generator=shuffle,
-            progress=progress if plan.is_main else False,
-            desc=f"epoch {epoch}/{config.epochs}",
-            step_hook=_step_hook(epoch, pending, kill),
-            loss_fn=plan.loss_fn,
-            shard=plan.shard,
-        )
+        with _accumulating(model, config):
+            loss, acc, seen = train_epoch(
+                net,
+                optimizer,
+                train_x,
+                train_y,
+                batch_size=config.batch_size,
+                generator=shuffle,
+                progress=progress if plan.is_main else False,
+                desc=f"epoch {epoch}/{config.epochs}",
+                step_hook=_step_hook(epoch, pending, kill),
+                loss_fn=plan.loss_fn,
+                shard=plan.shard,
+                micro_batches=config.micro_batches,
+            )
         loss, acc = plan.reduce_epoch(loss, acc)
         t1 = time.perf_counter()  # train_epoch ended with a device sync (.item())
         plan.sync_running_stats(model)  # per-process BN: one set of statistics to test, save
@@ -194,6 +196,16 @@ def _fit(
         title = f"norm={config.norm}, lr={config.lr}, batch={config.batch_size}"
         plot_history(rows, run.curves, title=title)
     return TrainResult(config=config, run=run, history=history, model=model, device=device)
+
+
+def _accumulating(model: nn.Module, config: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    """accumulate_bn over one epoch (every step is a whole group of micro-batches, so nothing
+    is pending at the epoch's end, when the model is evaluated and saved)."""
+    if not config.accumulate_bn:
+        return contextlib.nullcontext()
+    from bnlab.tools import accumulate_bn
+
+    return accumulate_bn(model, micro_batches=config.micro_batches)
 
 
 @contextlib.contextmanager
