@@ -33,7 +33,7 @@ CASES = [
     Case("cumulative", (4, 3, 6), options={"momentum": None}),
     Case("d2l", (4, 3, 6), options={"convention": "d2l", "momentum": 0.9}),
 ]
-IMPLS = ["auto", "fast", "reference"]
+IMPLS = ["auto", "eager", "reference"]
 
 
 def _mask_shape(case: Case) -> tuple[int, ...]:
@@ -145,6 +145,14 @@ def test_the_function_returns_new_statistics_and_mutates_nothing() -> None:
     # without running statistics: batch statistics of the valid values
     y2, _, _ = batch_norm(x, training=False, mask=mask)
     torch.testing.assert_close(y2, y, rtol=1e-13, atol=1e-13)
+
+
+def test_a_lazy_layer_infers_its_channels_from_a_masked_call() -> None:
+    x, mask = _data(CASES[1], 0)
+    for call in (lambda bn: bn(x, mask), lambda bn: bn(x, mask=mask)):
+        lazy, fixed = BatchNorm(dtype=torch.float64), BatchNorm(3, dtype=torch.float64)
+        assert torch.equal(call(lazy), call(fixed))
+        assert type(lazy) is BatchNorm and torch.equal(lazy.running_var, fixed.running_var)
 
 
 def test_eval_mode_uses_the_running_statistics_everywhere() -> None:

@@ -7,6 +7,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -395,3 +396,24 @@ def test_a_subset_larger_than_the_data_is_refused(tmp_path: Path) -> None:
     ):
         train(config(tmp_path, test_subset=101), data, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_warns_when_the_auto_kernel_changed(tmp_path: Path) -> None:
+    """impl='auto' runs the C++ kernel where a build loads, else the eager one; the two round
+    differently, so resuming under the other one cannot be exact and says so."""
+    data = synthetic()
+    part = train(config(tmp_path, epochs=1, norm_options=("impl=auto",)), data, progress=False)
+    metrics = json.loads(part.run.metrics_json.read_text())
+    kernel = metrics["environment"]["auto_kernel"]
+    assert kernel in ("native", "eager")
+    other = "eager" if kernel == "native" else "native"
+    metrics["environment"]["auto_kernel"] = other  # as if the first epoch ran the other one
+    part.run.metrics_json.write_text(json.dumps(metrics))
+    with pytest.warns(RuntimeWarning, match=rf"ran the {other} kernel.*runs the {kernel} one"):
+        resume(part.run.path, data, progress=False, epochs=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        resume(part.run.path, data, progress=False, epochs=3)  # same kernel as epoch 2: quiet
+    assert not [w for w in seen if "resume:" in str(w.message)]
+    torch_run = train(config(tmp_path, "torch", epochs=1, norm="torch"), data, progress=False)
+    assert json.loads(torch_run.run.metrics_json.read_text())["environment"]["auto_kernel"] is None

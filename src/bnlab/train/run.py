@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,35 @@ def _tensors(
     return train_x, train_y, test_x, test_y, info
 
 
+def auto_kernel(model: nn.Module, device: torch.device) -> str | None:
+    """What the model's ``impl="auto"`` norm layers run here: "native" (the C++ kernel, where
+    a build of it loads) or "eager"; None when no layer leaves the choice to "auto"."""
+    if not any(getattr(m, "impl", None) == "auto" for m in model.modules()):
+        return None
+    from bnlab.functional.native import load_native
+
+    return "native" if device.type == "cpu" and load_native() is not None else "eager"
+
+
+def _check_same_kernel(run: RunDir, kernel: str | None) -> None:
+    """Warn when a resumed run's "auto" layers run another kernel than its earlier epochs did
+    (a build appeared or went stale in between): the two kernels round differently, so the
+    history is then no longer exactly that of an uninterrupted run."""
+    try:
+        before = json.loads(run.metrics_json.read_text(encoding="utf-8"))["environment"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no epoch finished yet, or metrics from an older version: nothing to compare
+    if "auto_kernel" in before and before["auto_kernel"] != kernel:
+        warnings.warn(
+            f"resume: {run.path}'s epochs so far ran the {before['auto_kernel']} kernel "
+            f"(impl='auto'), this process runs the {kernel} one, so the rest of the history "
+            "will differ in the last digits from an uninterrupted run. To keep it exact, resume "
+            f"where the {before['auto_kernel']} kernel runs ('bnlab build' makes the native one).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _fit(
     config: TrainConfig,
     run: RunDir,
@@ -139,7 +170,9 @@ def _fit(
         restore_rng(state["rng"], shuffle, device)
         history = [EpochStats.from_dict(row) for row in state["history"]]
     net = plan.wrap(model)  # SyncBatchNorm + DDP; `model` itself is evaluated and saved
-    env = {**environment(device), **data_info}
+    env = {**environment(device), **data_info, "auto_kernel": auto_kernel(model, device)}
+    if state is not None and plan.is_main:
+        _check_same_kernel(run, env["auto_kernel"])
     pending = [start] if start is not None else []
     kill = _kill_step()
     for epoch in range(len(history) + 1, config.epochs + 1):
