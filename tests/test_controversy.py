@@ -1,6 +1,7 @@
 """bnlab.lab.controversy: the ICS and loss-landscape probes against hand-computed values and
 against a direct recomputation with ordinary autograd on a copy of the model, the probes' promise
-to change nothing, the noisy-BN module, and tiny end-to-end runs with their plots and table."""
+to change nothing, the noisy-BN module, the parameters, the shared loop's before-step hook, and
+tiny end-to-end runs with their plots and table."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bnlab.data import CLASS_NAMES, FashionMNIST, load_fashion_mnist
 from bnlab.lab.controversy import (
     NORMS,
     SHUFFLE_SEED_OFFSET,
+    ControversyConfig,
     NonstationaryNoise,
     build_model,
     full_gradient,
@@ -27,11 +29,12 @@ from bnlab.lab.controversy import (
     landscape_probe,
     noise_modules,
     plot_controversy,
-    resolve_params,
     run_controversy,
     summarize_controversy,
     weight_layers,
 )
+from bnlab.train.config import ConfigError
+from bnlab.train.loop import train_epoch
 
 TINY = {"epochs": 1, "subset": None, "batch_size": 32, "measure_every": 2, "step_sizes": [0.5, 1]}
 
@@ -406,6 +409,7 @@ def test_run_is_reproducible_and_leaves_global_rng(runs: list[dict[str, Any]]) -
     ]
 
 
+@pytest.mark.usefixtures("real_data_dir")  # tests/conftest.py
 def test_run_on_real_data_learns() -> None:
     """BN-LeNet on the first 1,024 Fashion-MNIST images, one epoch of 32 steps, beats chance
     clearly on the full test set; the probes run along."""
@@ -548,13 +552,58 @@ def test_verdict_compares_off_the_plateau(runs: list[dict[str, Any]]) -> None:
 )
 def test_bad_params(params: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
-        resolve_params(params)
+        ControversyConfig.from_dict(params)
+    with pytest.raises(error, match=match):
+        run_controversy(params, synthetic_data())
 
 
-def test_unknown_param_warns_and_defaults_fill_in() -> None:
-    with pytest.warns(RuntimeWarning, match="measure_evry"):
-        p = resolve_params({"measure_evry": 3})
-    assert p["measure_every"] == 10 and p["norm"] == "bnlab"
+def test_unknown_param_is_refused_and_defaults_fill_in() -> None:
+    with pytest.raises(ConfigError, match=r"measure_evry.*known: \[.*'measure_every'"):
+        ControversyConfig.from_dict({"measure_evry": 3})
+    with pytest.raises(ValueError, match="measure_evry"):
+        run_controversy({**TINY, "measure_evry": 3}, synthetic_data())
+    p = ControversyConfig.from_dict({"measure_every": 3}).to_dict()
+    assert p["measure_every"] == 3 and p["norm"] == "bnlab" and p["lr"] == 1.0
+    assert p["step_sizes"] == [0.5, 1.0, 2.0, 3.0, 4.0]
+    assert ControversyConfig.from_dict(p) == ControversyConfig(measure_every=3)  # JSON round trip
+
+
+def test_train_epoch_calls_before_step_with_the_batch_it_trains_on() -> None:
+    """The shared loop's before-step hook sees each step's batch before the step: a model whose
+    forward records its inputs gets, at every step, exactly the batch the hook was given, and
+    the hook sees the weights the step starts from."""
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(16, 3)
+    model = nn.Sequential(nn.Flatten(), linear)
+    x, y = torch.rand(10, 1, 4, 4, generator=g), torch.randint(0, 3, (10,), generator=g)
+    seen_by_hook: list[tuple[int, Tensor, Tensor, Tensor]] = []
+    trained_on: list[Tensor] = []
+    model.register_forward_pre_hook(lambda _m, args: trained_on.append(args[0].clone()))
+
+    def before_step(step: int, xb: Tensor, yb: Tensor) -> None:
+        seen_by_hook.append((step, xb.clone(), yb.clone(), linear.weight.detach().clone()))
+
+    weights = [linear.weight.detach().clone()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_epoch(
+        model,
+        opt,
+        x,
+        y,
+        batch_size=4,
+        generator=torch.Generator().manual_seed(1),
+        step_hook=lambda _: weights.append(linear.weight.detach().clone()),
+        before_step=before_step,
+    )
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(1))
+    assert [s for s, *_ in seen_by_hook] == [1, 2, 3]  # batches of 4, 4, 2
+    assert len(trained_on) == 3
+    for i, (_, xb, yb, w) in enumerate(seen_by_hook):
+        idx = perm[4 * i : 4 * i + 4]
+        assert torch.equal(xb, x[idx]) and torch.equal(yb, y[idx])
+        assert torch.equal(trained_on[i], xb)
+        assert torch.equal(w, weights[i])  # before the optimizer step
+    assert not torch.equal(weights[0], weights[-1])  # the steps did train
 
 
 def test_bad_data_and_results() -> None:
