@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnlab.functional import CONVENTIONS, batch_norm, moments
-from bnlab.functional.checks import MismatchError
+from bnlab.functional.checks import MismatchError, check_enough_values
 from bnlab.nn import BatchNorm
 
 EPS = 1e-5
@@ -346,3 +346,24 @@ def test_functional_rejects_half_given_running_stats_and_bad_kernel() -> None:
     with pytest.raises(ValueError, match="momentum: expected a value in"):
         batch_norm(torch.randn(4, 3), None, None, torch.zeros(3), torch.ones(3), training=True,
                    momentum=2.0)  # fmt: skip
+
+
+def test_messages_advise_only_what_is_true_for_the_case() -> None:
+    with pytest.raises(ValueError, match="more than 1 value per channel") as tracked:
+        BatchNorm(3)(torch.randn(1, 3))
+    assert ".eval()" in str(tracked.value)  # there are running statistics to fall back on
+    with pytest.raises(ValueError, match="more than 1 value per channel") as untracked:
+        BatchNorm(3, track_running_stats=False)(torch.randn(1, 3))
+    assert "no running statistics" in str(untracked.value)
+    assert ".eval()" not in str(untracked.value)
+    with pytest.raises(ValueError, match="empty input") as empty:
+        check_enough_values(torch.empty(0, 3), 0, "N")
+    assert "With one value" not in str(empty.value)
+    bn = BatchNorm(6)
+    bn.running_mean = torch.zeros(5)  # a buffer of the wrong size, e.g. assigned by hand
+    with pytest.raises(MismatchError, match=r"running_mean: .*got shape \(5,\)") as wrong:
+        bn(torch.randn(4, 6))
+    assert "torch.zeros(6)" in str(wrong.value) and "5 channels" not in str(wrong.value)
+    with pytest.raises(MismatchError, match=r"weight: .*\(1, 6, 1, 1\) as the chapter") as fn:
+        batch_norm(torch.randn(4, 6, 2, 2), torch.ones(5), None, training=True)
+    assert "num_features" not in str(fn.value)  # a function call has no layer to rebuild

@@ -9,6 +9,7 @@ from bnlab.functional.batch_norm import (
     get_convention,
     register_train_kernel,
 )
+from bnlab.functional.checks import MismatchError
 from bnlab.functional.core import apply_scale_shift, moments, scale_shift
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "DEFAULT_MOMENTUM",
     "BatchNormResult",
     "Convention",
+    "MismatchError",
     "apply_scale_shift",
     "batch_norm",
     "get_convention",
@@ -24,8 +26,8 @@ __all__ = [
     "scale_shift",
 ]
 
-from bnlab.functional import fast as fast  # registers impl="fast", "fast_compiled", ...
-from bnlab.functional import native as native  # registers impl="native" (compiles on first use)
+from bnlab.functional import fast as fast  # registers impl="eager", "compiled", ...
+from bnlab.functional import native as native  # registers impl="native" and "auto"
 from bnlab.functional.norms import (
     batch_renorm,
     ghost_batch_norm,

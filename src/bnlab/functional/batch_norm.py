@@ -200,9 +200,10 @@ def batch_norm(
         channel_axis: the channel axis (1 as in PyTorch; -1 for channels-last data laid out
             as (N, H, W, C), as Keras/Flax default to).
         impl: the kernel (docs/speed.md): "auto" (default: the C++ kernel "native" for CPU
-            tensors where it is built, else "fast"), "native", "fast" (analytic backward in
-            eager PyTorch operations; bnlab.functional.fast), "reference" (the readable path
-            through autograd), or another registered one.
+            tensors where it is built, else "eager"), "native", "eager" (analytic backward in
+            eager PyTorch operations; bnlab.functional.fast), "compiled" and
+            "eager_then_compiled" (the same, compiled by inductor), "reference" (the readable
+            path through autograd), or another registered one.
         mask: for padded batches, a boolean tensor with ``x``'s shape less the channel axis
             ((N,) for (N, C), (N, L) for (N, C, L), (N, H, W) for (N, C, H, W)), True at real
             values. Batch statistics and the running update (unbiased with the valid count)
@@ -215,6 +216,7 @@ def batch_norm(
     an empty output and leaves the running statistics as they were, as in PyTorch.
     """
     check_input(x)
+    check_impl(impl)  # in every mode, so that a typo shows at once
     axis = channel_axis_index(channel_axis, x.ndim)
     if mask is not None:
         mask = check_mask(x, mask, axis)  # its axes keep their order when channels move
@@ -280,7 +282,6 @@ def batch_norm(
     m = resolve_momentum(momentum, conv) if update else None
     if update and convention is None and m is not None and m > 0.5:
         warn_decay_like_momentum(m)
-    check_impl(impl)
     count = x.numel() // num_channels if num_channels else 0
     if count == 0:  # an empty batch: nothing to normalize, the running statistics stay
         y = _affine_only(x, weight, bias)
@@ -481,11 +482,21 @@ def channel_axis_index(channel_axis: int, ndim: int) -> int:
     return channel_axis % ndim
 
 
+# earlier names of kernels, for the error that points to the current one
+RENAMED_KERNELS: Final[dict[str, str]] = {
+    "fast": "eager",
+    "fast_compiled": "compiled",
+    "fast_auto": "eager_then_compiled",
+}
+
+
 def check_impl(impl: str) -> None:
     """A ValueError naming the registered kernels unless ``impl`` is one of them."""
     if impl not in TRAIN_KERNELS:
+        renamed = RENAMED_KERNELS.get(impl) if isinstance(impl, str) else None
+        hint = f" impl={impl!r} is now called {renamed!r}." if renamed else ""
         raise ValueError(
-            f"impl: expected one of {sorted(TRAIN_KERNELS)}, got {impl!r}. "
+            f"impl: expected one of {sorted(TRAIN_KERNELS)}, got {impl!r}.{hint} "
             "The default, 'auto', picks the fastest one available."
         )
 

@@ -28,21 +28,24 @@ their own dtype; the statistics are float32.
 
 Kernels, registered for ``batch_norm(..., impl=...)``:
 
-    "fast"           eager, never compiles
-    "fast_compiled"  compiles each case on its first call
-    "fast_auto"      eager until a case's compilation pays (below), then compiled
+    "eager"                eager PyTorch operations, never compiles
+    "compiled"             compiles each case on its first call
+    "eager_then_compiled"  eager until a case's compilation pays (below), then compiled
+
+(The default, ``impl="auto"``, is the C++ kernel of :mod:`bnlab.functional.native` on the CPU
+where it is built, and "eager" elsewhere.)
 
 Compiled and eager kernels round differently (a few float32 ulps), so a run stays bitwise
-reproducible, and resumes exactly, with "fast" or "fast_compiled"; "fast_auto" switches kernels
-after a time that depends on the machine's speed.
+reproducible, and resumes exactly, with "eager" or "compiled"; "eager_then_compiled" switches
+kernels after a time that depends on the machine's speed.
 
 A *case* is (forward or backward, layout, view shape, dtype, device, affine, ε). Compiled
 kernels come from ``make_fx`` + ``torch._inductor.compile`` (C++/OpenMP on CPU, Triton on CUDA),
 keyed by the case, so a call pays one dict lookup instead of TorchDynamo's guards.
 
-When compilation pays ("fast_auto"): a case is compiled once the eager time already spent on it
-reaches the expected compile time (the last compile time measured in this process, or
-:data:`INITIAL_COMPILE_ESTIMATE_S` before the first). This is the rent-or-buy rule: a run never
+When compilation pays ("eager_then_compiled"): a case is compiled once the eager time already
+spent on it reaches the expected compile time (the last compile time measured in this process,
+or :data:`INITIAL_COMPILE_ESTIMATE_S` before the first). This is the rent-or-buy rule: a run never
 spends on compiling more than it has already spent running that case eagerly, so compilation
 at most doubles any case's cost, and a short run (a test, a few batches) never compiles. The
 measurements behind it are in docs/speed.md.
@@ -274,7 +277,7 @@ def fresh_kernel_cache() -> Iterator[None]:
 
 
 def compile_estimate_s() -> float:
-    """The expected seconds to compile one kernel, used by the "fast_auto" policy."""
+    """The expected seconds to compile one kernel, used by the "eager_then_compiled" policy."""
     return INITIAL_COMPILE_ESTIMATE_S if _last_compile_s is None else _last_compile_s
 
 
@@ -313,7 +316,7 @@ def _ready(case: CaseStats, policy: Policy, build: Callable[[], Callable[..., An
             _warned_compile = True
             warnings.warn(
                 f"bnlab fast batch norm: compiling a kernel failed ({type(e).__name__}: {e}); "
-                "using the eager kernels. Pass impl='fast' to skip compilation.",
+                "using the eager kernels. Pass impl='eager' to skip compilation.",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -509,27 +512,28 @@ def _fast_train(
 def fast_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``impl="fast"``: the analytic kernel in eager PyTorch operations, never compiled."""
+    """``impl="eager"``: the analytic kernel in eager PyTorch operations, never compiled."""
     return _fast_train(x, weight, bias, eps, "eager")
 
 
 def fast_compiled_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``impl="fast_compiled"``: the analytic kernel, compiled on each case's first call."""
+    """``impl="compiled"``: the analytic kernel, compiled on each case's first call."""
     return _fast_train(x, weight, bias, eps, "compiled")
 
 
 def fast_auto_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``impl="fast_auto"``: eager, each case compiled once compilation pays (module docstring)."""
+    """``impl="eager_then_compiled"``: eager, each case compiled once compilation pays (module
+    docstring)."""
     return _fast_train(x, weight, bias, eps, "auto")
 
 
-register_train_kernel("fast", fast_train)
-register_train_kernel("fast_compiled", fast_compiled_train)
-register_train_kernel("fast_auto", fast_auto_train)
+register_train_kernel("eager", fast_train)
+register_train_kernel("compiled", fast_compiled_train)
+register_train_kernel("eager_then_compiled", fast_auto_train)
 
 __all__ = [
     "INITIAL_COMPILE_ESTIMATE_S",

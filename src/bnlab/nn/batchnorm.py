@@ -52,10 +52,11 @@ class BatchNorm(nn.Module):
             (one warning per layer); the default, as PyTorch, updates regardless.
 
     ``impl`` picks the kernel (docs/speed.md): "auto" (default: "native" for CPU tensors where
-    ``bnlab build`` has built it, else "fast"), "native" (fused C++ for CPU tensors, the
+    ``bnlab build`` has built it, else "eager"), "native" (fused C++ for CPU tensors, the
     fastest; a training step is one C++ call that also updates the running statistics in
-    place), "fast" (eager PyTorch operations), "fast_compiled"/"fast_auto" (inductor), or
-    "reference" (the readable math). An unknown name fails here, listing the names.
+    place), "eager" (analytic backward in eager PyTorch operations), "compiled" /
+    "eager_then_compiled" (the same, compiled by inductor), or "reference" (the readable
+    math). An unknown name fails here, listing the names.
     """
 
     _version = 2  # same state-dict version as torch's _NormBase, so both load each other's
@@ -360,9 +361,10 @@ class LazyBatchNorm(LazyModuleMixin, BatchNorm):
         self, input: Tensor, mask: Tensor | None = None
     ) -> None:
         # called with forward's arguments; C comes from the input alone
+        if self.num_features is None:  # also after a state dict materialized the tensors
+            self.num_features = int(input.shape[self._check_input(input)])
         if not self.has_uninitialized_params():
             return
-        self.num_features = int(input.shape[self._check_input(input)])
         with torch.no_grad():
             for t in (self.weight, self.bias, self.running_mean, self.running_var):
                 if t is not None:

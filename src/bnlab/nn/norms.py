@@ -496,7 +496,7 @@ class GhostBatchNorm(LazyByDefault, BatchNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         convention: str = "torch",
-        impl: str = "fast",
+        impl: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
