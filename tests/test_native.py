@@ -371,7 +371,7 @@ def test_gradcheck_and_double_backward(shape: tuple[int, ...], channels_last: bo
     def f(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return native_mod.native_train(x, w, b, 1e-5)[0]
 
-    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True)  # vmap over dy
     assert torch.autograd.gradgradcheck(f, (x, w, b))
     assert torch.autograd.gradcheck(lambda x: native_mod.native_train(x, None, None, 1e-3)[0], (x,))
 

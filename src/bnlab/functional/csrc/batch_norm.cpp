@@ -14,8 +14,8 @@
 // Every pass walks memory in order (strided per-channel walks over short runs cost up to 2x).
 // Outputs of 1 MiB or more take their memory from a cache of freed blocks (OutputCache);
 // float32 outputs larger than the last-level cache are written with non-temporal stores.
-// With create_graph=True the backward is recomputed from x with ATen operations, so higher
-// derivatives are exact.
+// With create_graph=True (or a batched gradient under vmap) the backward is recomputed from x
+// with ATen operations, so higher derivatives are exact.
 
 #include <torch/extension.h>
 
@@ -960,7 +960,9 @@ struct NativeBatchNorm : public torch::autograd::Function<NativeBatchNorm> {
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1], &mean = saved[2], &invstd = saved[3];
     Tensor dx, dw, db;
-    if (at::GradMode::is_enabled()) {
+    // create_graph=True, or a dy without memory of its own (a batched gradient of
+    // torch.func.vmap, as gradcheck's batched check makes): differentiable ATen operations
+    if (at::GradMode::is_enabled() || !dy.has_storage()) {
       std::tie(dx, dw, db) = backward_differentiable(dy, x, w, ctx->saved_data["eps"].toDouble());
     } else {
       std::tie(dx, dw, db) = backward_kernel(dy, x, mean, invstd, w);
