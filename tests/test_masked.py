@@ -33,7 +33,7 @@ CASES = [
     Case("cumulative", (4, 3, 6), options={"momentum": None}),
     Case("d2l", (4, 3, 6), options={"convention": "d2l", "momentum": 0.9}),
 ]
-IMPLS = ["auto", "fast", "reference"]
+IMPLS = ["auto", "eager", "reference"]
 
 
 def _mask_shape(case: Case) -> tuple[int, ...]:
