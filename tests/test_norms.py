@@ -647,8 +647,9 @@ BAD: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     (
         "in-momentum",
-        lambda: instance_norm(X, None, None, torch.zeros(6), torch.ones(6), training=True,
-                              momentum=2.0),  # fmt: skip
+        lambda: instance_norm(
+            X, None, None, torch.zeros(6), torch.ones(6), training=True, momentum=2.0
+        ),
         ValueError,
         "momentum: expected a value in",
     ),
