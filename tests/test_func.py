@@ -10,6 +10,7 @@ from torch.func import grad, jacrev, jvp, stack_module_state, vmap
 from bnlab.func import stateless
 from bnlab.models import lenet
 from bnlab.nn import BatchNorm
+from bnlab.tools import convert_norm
 
 K = 3  # ensemble size
 
@@ -139,3 +140,55 @@ def _affine_ref(bn: BatchNorm, x: Tensor, weight: Tensor) -> Tensor:
     return (x - mean) / torch.sqrt(var + bn.eps) * weight.view(1, -1, 1) + bn.bias.detach().view(
         1, -1, 1
     )
+
+
+def test_nothing_passed_in_changes_and_eval_mode_keeps_the_buffers() -> None:
+    model = _models("bnlab", 0.1)[0]
+    f = stateless(model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    saved = {n: b.clone() for n, b in buffers.items()}
+    ((x, _),) = _batches(1)
+    _, new_buffers = f(params, buffers, x)
+    for name, value in saved.items():
+        assert torch.equal(buffers[name], value), name  # the caller's buffers are untouched
+        assert torch.equal(dict(model.named_buffers())[name], value), name  # and the model's
+    assert not torch.equal(new_buffers["1.running_mean"], saved["1.running_mean"])
+    model.eval()
+    out, kept = f(params, buffers, x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    for name, value in saved.items():
+        assert torch.equal(kept[name], value), name
+
+
+def test_torch_bn_with_cumulative_momentum_is_refused_with_the_conversion() -> None:
+    torch_models = _models("torch", None)
+    with pytest.raises(ValueError, match=r'convert_norm\(model, "bnlab"\)'):
+        stateless(torch_models[0])
+    converted = [convert_norm(m, "bnlab") for m in torch_models]
+    f = stateless(converted[0])
+    params, buffers = stack_module_state(converted)
+    ((x, _),) = _batches(1)
+    out, buffers = vmap(f, in_dims=(0, 0, None))(params, buffers, x)
+    for k, model in enumerate(torch_models):  # the converted ensemble matches torch's layers
+        torch.testing.assert_close(out[k], model(x), rtol=1e-12, atol=1e-12)
+        _assert_buffers_equal(buffers, model, k)
+
+
+def test_wrong_keys_and_lazy_models_are_refused() -> None:
+    model = _models("bnlab", 0.1)[0]
+    f = stateless(model)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    ((x, _),) = _batches(1)
+    del params["0.weight"]
+    with pytest.raises(ValueError, match=r"params: .*missing \['0.weight'\]"):
+        f(params, buffers, x)
+    with pytest.raises(ValueError, match=r"buffers: .*unknown \['extra'\]"):
+        f(dict(model.named_parameters()), {**buffers, "extra": torch.zeros(1)}, x)
+    with pytest.raises(TypeError, match="params: expected a dict"):
+        f(list(model.parameters()), buffers, x)
+    with pytest.raises(ValueError, match="lazy"):
+        stateless(nn.Sequential(nn.Linear(3, 4), BatchNorm()))
+    with pytest.raises(TypeError, match=r"model: expected a torch\.nn\.Module"):
+        stateless(model.state_dict())  # type: ignore[arg-type]
