@@ -230,7 +230,9 @@ def precise_bn(
             over every process of this group (default: all), each passing its own share of the
             data: every process ends with the statistics of the union of their batches (one
             all-reduce per BN; uneven and empty shares are exact). Every process of the group
-            must call precise_bn with the same model and mode.
+            must call precise_bn with the same model and mode. (A SyncBatchNorm in
+            ``mode="train"`` makes each forward a collective too: then every process must feed
+            the same number of batches.)
 
     The new running variance is unbiased, M2 / (n − 1), as PyTorch stores it (bnlab BNs with a
     biased convention such as "d2l" or "flax" get M2 / n). ``num_batches_tracked`` becomes the
