@@ -131,14 +131,16 @@ def _check_same_kernel(run: RunDir, kernel: str | None) -> None:
         before = json.loads(run.metrics_json.read_text(encoding="utf-8"))["environment"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no epoch finished yet, or metrics from an older version: nothing to compare
-    if "auto_kernel" in before and before["auto_kernel"] != kernel:
+    was = before.get("auto_kernel", kernel) if isinstance(before, dict) else kernel
+    if was != kernel:
+        how = " (`bnlab build` makes the native one)" if was == "native" else ""
         warnings.warn(
-            f"resume: {run.path}'s epochs so far ran the {before['auto_kernel']} kernel "
-            f"(impl='auto'), this process runs the {kernel} one, so the rest of the history "
-            "will differ in the last digits from an uninterrupted run. To keep it exact, resume "
-            f"where the {before['auto_kernel']} kernel runs ('bnlab build' makes the native one).",
+            f"resume: {run.path}'s epochs so far ran the {was} kernel (impl='auto'), this "
+            f"process runs the {kernel} one, so the rest of the history will differ in the last "
+            f"digits from an uninterrupted run. To keep it exact, resume where the {was} kernel "
+            f"runs{how}.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of resume()
         )
 
 
