@@ -3,10 +3,12 @@ goes"): PyTorch's fused op against bnlab's pieces, as CPU time of one thread, in
 
     python benchmarks/bench_overhead.py [--shape 256x120] [--reps 41]
 
-Pieces: the whole call through ``bnlab.functional.batch_norm`` (kernel, autograd and the
-running-statistics update); the same with a kernel that does no work (the wrapper and the
-autograd.Function machinery alone); the eager and the compiled forward and backward math alone;
-the native C++ kernel through ``batch_norm`` and called directly (no Python wrapper).
+Pieces: the layers, ``torch.nn.BatchNorm1d/2d`` and ``bnlab.nn.BatchNorm`` (the default
+kernel: one C++ call per step), and that C++ call alone; the whole call through
+``bnlab.functional.batch_norm`` (kernel, autograd and the running-statistics update); the same
+with a kernel that does no work (the wrapper and the autograd.Function machinery alone); the
+eager and the compiled forward and backward math alone; the native C++ kernel through
+``batch_norm`` and called directly (no Python wrapper).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bnlab.bench.modules import torch_layer
 from bnlab.bench.timing import time_interleaved
 from bnlab.cli.bench import parse_shapes
 from bnlab.functional import batch_norm, native
 from bnlab.functional import fast as fast_mod
+from bnlab.nn import BatchNorm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +68,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
+    layer, oracle = BatchNorm(c), torch_layer(c, len(shape))
+    buffers = (layer.running_mean, layer.running_var, layer.num_batches_tracked)
+    layer_call = (x, layer.weight, layer.bias, *buffers, 1e-5, 0.1, False, True, True, -1, c)
+    layer_params, oracle_params = (x, *layer.parameters()), (x, *oracle.parameters())
+
     fns = {
+        "torch nn.BatchNorm, fwd+bwd": lambda: torch.autograd.grad(oracle(x), oracle_params, g),
+        "bnlab BatchNorm (default), fwd+bwd": lambda: torch.autograd.grad(
+            layer(x), layer_params, g
+        ),
+        "C++ layer_forward alone, fwd+bwd": lambda: torch.autograd.grad(
+            ext.layer_forward(*layer_call), layer_params, g
+        ),
+        "torch nn.BatchNorm, forward only": no_grad(lambda: oracle(x)),
+        "bnlab BatchNorm, forward only": no_grad(lambda: layer(x)),
+        "native.layer_forward(layer, x) only": no_grad(lambda: native.layer_forward(layer, x)),
+        "C++ layer_forward alone, forward only": no_grad(lambda: ext.layer_forward(*layer_call)),
         "torch F.batch_norm, fwd+bwd": lambda: torch.autograd.grad(
             F.batch_norm(x, rm, rv, w, b, training=True), params, g
         ),
