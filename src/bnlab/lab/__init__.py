@@ -38,6 +38,7 @@ RUN_ORDER = (
     "norms",
     "lr",
     "controversy",
+    "accumulation",
     "batch-size",
 )
 VERDICTS = "verdicts.json"

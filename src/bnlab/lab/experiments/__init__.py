@@ -4,11 +4,19 @@ from bnlab.lab.experiments.base import Experiment
 from bnlab.lab.experiments.batch_size import BATCH_SIZE
 from bnlab.lab.experiments.chapter import CHAPTER
 from bnlab.lab.experiments.controversy import CONTROVERSY
-from bnlab.lab.experiments.exercises import AFFINE, DROPOUT, FOLD, NORMS, PLACEMENT
+from bnlab.lab.experiments.exercises import (
+    ACCUMULATION,
+    AFFINE,
+    DROPOUT,
+    FOLD,
+    NORMS,
+    PLACEMENT,
+)
 from bnlab.lab.experiments.lr import LR
 from bnlab.lab.experiments.population import POPULATION
 
-# in the report's order: the chapter first, then its exercises, then the discussion
+# in the report's order: the chapter first, then its exercises, then the discussion, then
+# what goes beyond the chapter
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in (
@@ -22,6 +30,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         FOLD,
         NORMS,
         CONTROVERSY,
+        ACCUMULATION,
     )
 }
 

@@ -130,3 +130,28 @@ NORMS = VariantExperiment(
     "only; for the others the precise reading equals the moving one. Run times are not "
     "compared: the runs shared the cores with other jobs (`bnlab bench` measures speed).",
 )
+
+
+ACCUMULATION = VariantExperiment(
+    name="accumulation",
+    title="Beyond the chapter: BN under gradient accumulation",
+    claim=(
+        "With gradient accumulation (k micro-batches per optimizer step) BN updates its running "
+        "statistics k times per step, each from a batch k times smaller; "
+        "`bnlab.tools.accumulate_bn` updates them once per step from the merged statistics of "
+        "the k micro-batches, as a forward of the whole batch would. Does it matter?"
+    ),
+    arms=[
+        ("8 × 32, running stats per micro-batch", {"micro_batches": 8}),
+        ("8 × 32, accumulate_bn", {"micro_batches": 8, "accumulate_bn": True}),
+        ("one batch of 256", {}),
+    ],
+    reference="8 × 32, running stats per micro-batch",
+    metrics=("test_acc_moving", "test_acc_precise", "train_loss"),
+    costly=True,
+    notes="Every arm takes one SGD step per 256 images at lr 1.0; in the 8 × 32 arms BN "
+    "normalizes each micro-batch of 32 with its own statistics (identical in both, so their "
+    "training is the same and only the running statistics differ); the batch of 256 is the "
+    "chapter's run. The moving-average reading is where accumulate_bn can act; the precise "
+    "reading recomputes the statistics and should not differ between the two 8 × 32 arms.",
+)

@@ -30,7 +30,7 @@ from bnlab.lab.report import Block, Figure, Section, Table
 from bnlab.lab.scale import Scale
 from bnlab.lab.stats import compare
 
-GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # decades; extended by decades while the top converges
+GRID = (0.1, 1.0, 10.0, 100.0)  # decades; extended by decades while the top converges
 MAX_RATE = 1e5  # the extension stops here whatever happens
 BISECTIONS = 3  # geometric bisections of the bracket: a decade becomes a factor 10^(1/8) ≈ 1.33
 ARMS = (("BN", "bnlab"), ("no BN", "none"))

@@ -39,9 +39,10 @@ class VariantExperiment:
     metrics: Sequence[str] = ("test_acc_precise", "train_loss")  # compared, in this order
     extra: Callable[[Groups, Path, Scale], list[Block]] | None = None
     notes: str = ""
+    costly: bool = False  # a sweep of slow runs: the scale's costly seed count
 
     def seeds(self, scale: Scale) -> int:
-        return scale.seeds_for(costly=False)
+        return scale.seeds_for(costly=self.costly)
 
     def plan(self, scale: Scale, results: Results | None = None) -> Planned:
         return [
