@@ -242,13 +242,15 @@ def curves_figure(
     marker so that equal curves stay visible; a 95%-CI band for up to three arms (more bands
     would hide each other)."""
     arms = [(a, rs) for a, rs in groups.items() if rs]
+    dodge = min(0.06, 0.3 / max(1, len(arms)))  # side by side within ±0.15 of each epoch
+    epochs = max((len(r["history"]) for _, rs in arms for r in rs.values()), default=1)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics, strict=True):
         for i, (arm, runs) in enumerate(arms):
             rs = list(runs.values())
             n = min(len(r["history"]) for r in rs)
             per_epoch = [[float(r["history"][e][key]) for r in rs] for e in range(n)]
-            xs = [e + 1 + 0.06 * (i - (len(arms) - 1) / 2) for e in range(n)]  # dodge
+            xs = [e + 1 + dodge * (i - (len(arms) - 1) / 2) for e in range(n)]
             ls, marker = STYLES[i % len(STYLES)]
             cis = [mean_ci(v) for v in per_epoch]
             line = ax.plot(
@@ -265,7 +267,7 @@ def curves_figure(
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        integer_epochs(ax)
+        integer_epochs(ax, epochs)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(
         handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False
@@ -275,10 +277,9 @@ def curves_figure(
     return Figure(path, caption)
 
 
-def integer_epochs(ax: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def integer_epochs(ax: Any, epochs: int) -> None:
+    """Ticks at whole epochs only (a one-epoch run has one tick, not 0.5 and 1.5)."""
+    ax.set_xticks(range(1, epochs + 1, max(1, epochs // 10)))
 
 
 def save(fig: Any, path: Path) -> None:

@@ -82,12 +82,19 @@ class Controversy:
                 f"{first['subset'] or 60000:,} images, {self.seeds(scale)} seed(s), probes every "
                 f"{first['measure_every']} steps.*"
             ),
+            # two tables of five columns or so: one nine-column table does not fit a page
             Table(
-                headers,
-                rows,
-                "Per arm, pooled over seeds: final test accuracy (moving averages) and the "
-                "probes; 'all / off plateau' medians over every probe and over the probes whose "
-                "batch loss was below 0.9 · ln 10 (only as many as the last column says).",
+                headers[:5],
+                [row[:5] for row in rows],
+                "Per arm, pooled over seeds: final test accuracy (moving averages) and internal "
+                "covariate shift (means over probes and layers).",
+            ),
+            Table(
+                headers[:1] + headers[5:],
+                [row[:1] + row[5:] for row in rows],
+                "The loss landscape along the gradient: 'all / off plateau' are medians over "
+                "every probe and over the probes whose batch loss was below 0.9 · ln 10 (only "
+                "as many as the last column says; few probes make that median fragile).",
             ),
             comparisons_table(
                 comps,

@@ -283,7 +283,10 @@ class LearningRate:
             ax.set_xlabel("epoch")
             ax.set_ylabel("training error")
             ax.grid(alpha=0.3)
-            integer_epochs(ax)
+            integer_epochs(
+                ax,
+                max((len(r["history"]) for rs in groups.values() for r in rs.values()), default=1),
+            )
             ax.legend(fontsize=7, ncol=2, loc="upper right")
         fig.tight_layout()
         path = fig_dir / "lr_curves.png"
