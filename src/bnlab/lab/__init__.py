@@ -39,6 +39,7 @@ RUN_ORDER = (
     "lr",
     "controversy",
     "accumulation",
+    "shift",
     "batch-size",
 )
 VERDICTS = "verdicts.json"

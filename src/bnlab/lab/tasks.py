@@ -202,6 +202,62 @@ def batch_one_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -
     }
 
 
+def shift_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
+    """The trained model of a ``train`` run (``params["train_key"]``: resumed from that run's
+    work directory, which a finished run leaves complete; trained there if it is gone) under
+    every corruption of bnlab.data.corrupt, read five ways:
+
+    source      eval mode with precise statistics of the clean training images
+    target      eval mode with precise statistics of the (unlabelled) corrupted test images
+    prior N     adapt_bn: the two mixed with weight N examples on the source (Schneider et al.)
+    tent        bnlab.tools.tent, one Adam step per 256-image batch on γ and β, then predicted
+                with each batch's statistics (BN models only)
+
+    Returns ``{"accuracy": {"clean" | "<kind>/<severity>": {method: accuracy}}}``."""
+    from bnlab.data import CORRUPTIONS, corrupt, to_float_batches
+    from bnlab.tools import adapt_bn, precise_bn, tent
+    from bnlab.tools.common import find_batch_norms, has_running_stats
+    from bnlab.train import TrainConfig, evaluate, resume, train
+
+    train_dir = workdir.parent / params["train_key"]
+    config = TrainConfig.from_dict({**params["config"], "out": str(train_dir), "device": device})
+    if (train_dir / "config.json").exists():
+        result = resume(train_dir, dataset(), progress=False)
+    else:
+        result = train(config, dataset(), progress=False)
+    dev = result.device
+    source = result.model.eval()
+    train_x, _ = _split("train", config.subset, dev)
+    has_bn = any(has_running_stats(m) for _, m in find_batch_norms(source))
+    if has_bn:
+        precise_bn(source, list(train_x.split(1024)))
+    data = dataset()
+    test_y = data.test_labels[: config.test_subset].to(dev)
+    sets = {"clean": data.test_images[: config.test_subset]}
+    for kind, levels in CORRUPTIONS.items():
+        for severity in range(1, len(levels) + 1):
+            images = data.test_images[: config.test_subset]
+            sets[f"{kind}/{severity}"] = corrupt(images, kind, severity, seed=config.seed)
+    accuracy: dict[str, dict[str, float]] = {}
+    for name, images in sets.items():
+        x = to_float_batches(images, dev)  # (N, 1, 28, 28)
+        batches = list(x.split(256))
+        row = {"source": evaluate(source, x, test_y)}
+        if has_bn:
+            for prior in params["priors"]:
+                adapted = adapt_bn(copy.deepcopy(source), batches, prior=float(prior))
+                row["target" if prior == 0 else f"prior {prior:g}"] = evaluate(adapted, x, test_y)
+            tented = tent(source, batches, steps=1, lr=params["tent_lr"])
+            with torch.no_grad():
+                correct = sum(
+                    int((tented(xb).argmax(1) == yb).sum())
+                    for xb, yb in zip(batches, test_y.split(256), strict=True)
+                )
+            row["tent"] = correct / len(test_y)
+        accuracy[name] = row
+    return {"accuracy": accuracy}
+
+
 def controversy_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
     from bnlab.lab.controversy import run_controversy
 
@@ -212,6 +268,7 @@ TASKS: dict[str, Callable[[dict[str, Any], Path, str], dict[str, Any]]] = {
     "train": train_task,
     "batch_one": batch_one_task,
     "controversy": controversy_task,
+    "shift": shift_task,
 }
 
 

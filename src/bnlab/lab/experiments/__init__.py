@@ -14,6 +14,7 @@ from bnlab.lab.experiments.exercises import (
 )
 from bnlab.lab.experiments.lr import LR
 from bnlab.lab.experiments.population import POPULATION
+from bnlab.lab.experiments.shift import SHIFT
 
 # in the report's order: the chapter first, then its exercises, then the discussion, then
 # what goes beyond the chapter
@@ -31,6 +32,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         NORMS,
         CONTROVERSY,
         ACCUMULATION,
+        SHIFT,
     )
 }
 
