@@ -346,7 +346,7 @@ def _warn_training_modules(model: nn.Module) -> None:
             "so the BN statistics measured now are not those the prediction network sees. Call "
             "model.eval() first; precise_bn sets the BNs' own mode itself.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of precise_bn
         )
 
 
