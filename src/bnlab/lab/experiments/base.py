@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import matplotlib.pyplot as plt
 
 from bnlab.lab.plan import Run
-from bnlab.lab.report import Figure, Section, Table, Text
+from bnlab.lab.report import Block, Figure, Section, Table, Text
 from bnlab.lab.scale import Scale
 from bnlab.lab.stats import Comparison, Interval, compare, mean_ci
 
@@ -205,22 +205,25 @@ def verdict_sentence(comps: Sequence[Comparison]) -> str:
     return " ".join(parts) if parts else "No comparison has results yet."
 
 
-def power_note(comps: Sequence[Comparison]) -> Text | None:
-    """How large a difference this section's n could have detected, per metric."""
+def power_note(comps: Sequence[Comparison]) -> list[Block]:
+    """How large a difference this section's n could have detected, per metric (a list of
+    none or one block, to add to a section's blocks)."""
     by_metric: dict[str, list[float]] = defaultdict(list)
     for c in comps:
         if c.verdict == "no detectable difference" and math.isfinite(c.detectable):
             by_metric[c.metric].append(c.detectable)
     if not by_metric:
-        return None
+        return []
     parts = [
         f"{METRICS[m][0] if m in METRICS else m}: {min(d):.3f}–{max(d):.3f}"
         for m, d in by_metric.items()
     ]
-    return Text(
-        "Where this section finds no detectable difference, its seeds would have detected "
-        "(80% power, 95% CI) true differences of about " + "; ".join(parts) + " or more."
-    )
+    return [
+        Text(
+            "Where this section finds no detectable difference, its seeds would have detected "
+            "(80% power, 95% CI) true differences of about " + "; ".join(parts) + " or more."
+        )
+    ]
 
 
 # ---- figures -------------------------------------------------------------------------------
@@ -291,11 +294,12 @@ def save(fig: Any, path: Path) -> None:
 # ---- sections ------------------------------------------------------------------------------
 
 
-def missing_note(planned: Planned, results: Results) -> Text | None:
+def missing_note(planned: Planned, results: Results) -> list[Block]:
+    """A note on planned runs without results (none or one block)."""
     n = sum(1 for _, run in planned if run not in results)
     if not n:
-        return None
-    return Text(f"{n} planned run(s) have no result yet; run `bnlab reproduce` first.")
+        return []
+    return [Text(f"{n} planned run(s) have no result yet; run `bnlab reproduce` first.")]
 
 
 def scale_note(scale: Scale, seeds: int, extra: str = "") -> Text:

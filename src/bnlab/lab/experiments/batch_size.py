@@ -162,9 +162,7 @@ class BatchSize:
                 "paired by seed.",
             )
         )
-        gap = missing_note(planned, results)
-        if gap:
-            blocks.append(gap)
+        blocks += missing_note(planned, results)
         verdict = (
             "; ".join(phrases) + ". The chapter's 50-100 claim holds here only where a size in "
             "that range is best and separable from the others."

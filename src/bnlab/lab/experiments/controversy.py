@@ -104,13 +104,9 @@ class Controversy:
                 "higher.",
             ),
         ]
-        note = power_note(comps)
-        if note:
-            blocks.append(note)
+        blocks += power_note(comps)
         blocks += [Figure(path, caption) for path, caption in plot_controversy(done, fig_dir)]
-        gap = missing_note(planned, results)
-        if gap:
-            blocks.append(gap)
+        blocks += missing_note(planned, results)
         claims = [
             claim(self.name, metric, "BN", [c for c in comps if c.metric == metric])
             for metric in dict.fromkeys(c.metric for c in comps)

@@ -184,9 +184,7 @@ class LearningRate:
             self._final_figure(groups, rates, fig_dir),
             self._curves(groups, rates, fig_dir),
         ]
-        gap = missing_note(planned, results)
-        if gap:
-            blocks.append(gap)
+        blocks += missing_note(planned, results)
         largest = {
             arm: [b[0], b[1] if math.isfinite(b[1]) else None] if b else None
             for arm, b in brackets.items()

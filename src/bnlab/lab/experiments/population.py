@@ -19,7 +19,7 @@ from bnlab.lab.experiments.base import (
     values,
     verdict_sentence,
 )
-from bnlab.lab.report import Block, Section, Table, Text
+from bnlab.lab.report import Block, Section, Table
 from bnlab.lab.scale import Scale
 from bnlab.lab.stats import compare
 
@@ -96,19 +96,8 @@ class PopulationStats:
                 "run, t-interval.",
             ),
         ]
-        note = power_note(comps)
-        if note:
-            blocks.append(note)
-        gap = missing_note(planned, results)
-        if gap:
-            blocks.append(gap)
-        if any(len(runs) >= 2 for runs in groups.values()):
-            blocks.append(
-                Text(
-                    "Every other section reads test accuracy both ways and compares arms by the "
-                    "precise reading."
-                )
-            )
+        blocks += power_note(comps)
+        blocks += missing_note(planned, results)
         return Section(
             self.name,
             self.title,

@@ -158,12 +158,8 @@ class Shift:
                 comps, "Each method minus BN with source statistics, paired by seed."
             ),
         ]
-        note = power_note(comps)
-        if note:
-            blocks.append(note)
-        gap = missing_note(planned, results)
-        if gap:
-            blocks.append(gap)
+        blocks += power_note(comps)
+        blocks += missing_note(planned, results)
         return Section(
             self.name,
             self.title,

@@ -65,9 +65,7 @@ class VariantExperiment:
             arms_table(groups),
             comparisons_table(comps),
         ]
-        note = power_note(comps)
-        if note:
-            blocks.append(note)
+        blocks += power_note(comps)
         blocks.append(
             curves_figure(
                 groups,
@@ -79,9 +77,7 @@ class VariantExperiment:
         )
         if self.extra:
             blocks += self.extra(groups, fig_dir, scale)
-        gap = missing_note(planned, results)
-        if gap:
-            blocks.append(gap)
+        blocks += missing_note(planned, results)
         claims = [
             claim(self.name, m, self.reference, [c for c in comps if c.metric == m])
             for m in self.metrics
