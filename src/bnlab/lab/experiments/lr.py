@@ -250,7 +250,8 @@ class LearningRate:
             ax.set_ylabel(f"final {what}")
             ax.axhline(1 - CONVERGED_ACC, color="grey", ls=":", lw=1)
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         fig.tight_layout()
         path = fig_dir / "lr_final_error.png"
         save(fig, path)
@@ -285,7 +286,8 @@ class LearningRate:
                 ax,
                 max((len(r["history"]) for rs in groups.values() for r in rs.values()), default=1),
             )
-            ax.legend(fontsize=7, ncol=2, loc="upper right")
+            if ax.get_legend_handles_labels()[0]:  # an arm may have no finished run yet
+                ax.legend(fontsize=7, ncol=2, loc="upper right")
         fig.tight_layout()
         path = fig_dir / "lr_curves.png"
         save(fig, path)
