@@ -30,6 +30,8 @@ MANIFEST = "manifest.json"
 # last (a run stopped part-way leaves the most useful partial report)
 RUN_ORDER = (
     "chapter",
+    "accumulation",
+    "shift",
     "population-stats",
     "placement",
     "dropout",
@@ -38,8 +40,6 @@ RUN_ORDER = (
     "norms",
     "lr",
     "controversy",
-    "accumulation",
-    "shift",
     "batch-size",
 )
 VERDICTS = "verdicts.json"
@@ -96,10 +96,7 @@ def reproduce(
     where = Where(threads, device)
     while True:
         runs = planned_runs(names, scale, store)
-        todo = sorted(
-            (run for run in runs if store.get(run) is None),
-            key=lambda run: RUN_ORDER.index(run.experiment) if run.experiment in RUN_ORDER else 99,
-        )
+        todo = [run for run in runs if store.get(run) is None]
         if not todo:
             break
         execute_plan(todo, store, jobs=jobs, progress=progress, where=where)
@@ -111,13 +108,18 @@ def reproduce(
 
 
 def planned_runs(names: Sequence[str], scale: Scale, store: ResultStore) -> list[Run]:
-    """Every distinct run the experiments plan, given what the store already has."""
+    """Every distinct run the experiments plan, given what the store already has, in the
+    order they should run: by the earliest place in RUN_ORDER of any experiment that needs
+    the run (a run shared by an early and a late section runs early)."""
     results = _cached(names, scale, store)
     runs: dict[str, Run] = {}
+    rank: dict[str, int] = {}
     for n in names:
+        place = RUN_ORDER.index(n) if n in RUN_ORDER else len(RUN_ORDER)
         for _, run in EXPERIMENTS[n].plan(scale, results):
             runs.setdefault(run.key, run)
-    return list(runs.values())
+            rank[run.key] = min(rank.get(run.key, place), place)
+    return sorted(runs.values(), key=lambda run: rank[run.key])  # stable: plan order within
 
 
 def _cached(names: Sequence[str], scale: Scale, store: ResultStore) -> dict[Run, dict[str, Any]]:
