@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from bnlab._machine import cpu_model
 from bnlab.bench.kernels import BASELINE, LARGE_SHAPES, LENET_SHAPES, KernelResult, NativeStatus
 from bnlab.bench.lenet import EpochResult
 from bnlab.bench.startup import FirstStep
@@ -34,18 +35,6 @@ LENET_MEAN_TARGET = 0.6  # layer training, geometric mean over the LeNet's four 
 EPOCH_TARGET = 0.95  # BN-LeNet epoch with the default layer, ratio to torch's BN
 FLOOR_TARGET = 3.0  # the native function on the large shapes, ratio to the traffic floor
 FIRST_STEP_TARGET_S = 2.0  # a fresh process's first step, import included
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def loadavg() -> list[float] | None:
@@ -401,4 +390,4 @@ def _case(k: KernelResult) -> str:
     return f"{'×'.join(map(str, k.shape))} {k.layout}"
 
 
-__all__ = ["BenchResult", "Goal", "cpu_model", "loadavg", "machine_info"]
+__all__ = ["BenchResult", "Goal", "loadavg", "machine_info"]

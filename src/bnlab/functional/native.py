@@ -55,6 +55,7 @@ import platformdirs
 import torch
 from torch import Tensor
 
+from bnlab._machine import cpu_model, cpuinfo_field
 from bnlab.functional.batch_norm import (
     CONVENTIONS,
     register_eval_kernel,
@@ -98,14 +99,9 @@ class NativeKernelWarning(RuntimeWarning):
     """``impl="auto"`` found no usable build of the C++ kernel and runs the eager one."""
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _cpu_key() -> str:
+    """What ``-march=native`` compiles for: the CPU model and its instruction-set flags."""
+    return f"{cpu_model()} | {cpuinfo_field('flags') or ''}"
 
 
 def build_info() -> dict[str, str]:
@@ -116,7 +112,7 @@ def build_info() -> dict[str, str]:
         "torch": torch.__version__,
         "torch_git": torch.version.git_version,
         "python": sys.implementation.cache_tag or platform.python_version(),
-        "cpu": hashlib.sha256(_cpu_model().encode()).hexdigest()[:16],
+        "cpu": hashlib.sha256(_cpu_key().encode()).hexdigest()[:16],
     }
 
 
