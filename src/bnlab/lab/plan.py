@@ -172,6 +172,10 @@ def execute_plan(
             todo.append(run)
         else:
             results[run] = cached
+    from bnlab.lab.tasks import task_params
+
+    for run in todo:  # every run's parameters are checked before the first one starts
+        task_params(run.task, run.params)
     from tqdm.auto import tqdm  # here: a notebook importing the lab needs no widget support
 
     where = where or Where()

@@ -1,19 +1,23 @@
-"""The units of work a plan is made of. Each task takes JSON parameters and a work directory
-and returns a JSON-serializable result; nothing here decides what to run (the experiments do).
+"""The units of work a plan is made of. Each task takes its typed parameters
+(:mod:`bnlab.lab.params`, rebuilt from the run's JSON) and a work directory and returns a
+JSON-serializable result; nothing here decides what to run (the experiments do).
 
     train        one training run (resumed from its work directory if it was killed), its final
                  evaluation with moving and with precise statistics, and probes of the trained
                  model (first BN's γ/β, folding)
     batch_one    what happens to BN with one value per channel (the chapter's batch size 1)
     controversy  a training run with ICS / loss-landscape probes (bnlab.lab.controversy)
+    shift        a train run's model under shifted inputs, with test-time adaptation
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,8 @@ import torch
 from torch import nn
 
 from bnlab.data import FashionMNIST, load_fashion_mnist
+from bnlab.lab.controversy.config import ControversyConfig
+from bnlab.lab.params import BatchOneParams, ShiftParams, TaskParams, TrainParams
 
 CPU = torch.device("cpu")
 
@@ -46,7 +52,7 @@ def _split(
     return to_device_tensors(images[:n], labels[:n], device)
 
 
-def train_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
+def train_task(params: TrainParams, workdir: Path, device: str = "cpu") -> dict[str, Any]:
     """Train (or resume) one configuration, then evaluate it the ways the report compares:
 
     final.train_loss / train_acc   the last epoch's running averages (training mode)
@@ -62,7 +68,7 @@ def train_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> di
     """
     from bnlab.train import TrainConfig, evaluate, resume, train
 
-    config = TrainConfig.from_dict({**params["config"], "out": str(workdir), "device": device})
+    config = TrainConfig.from_dict({**params.config, "out": str(workdir), "device": device})
     if (workdir / "config.json").exists():
         result = resume(workdir, dataset(), progress=False)
     else:
@@ -177,7 +183,7 @@ def probe_fold(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 # ---- the other tasks -------------------------------------------------------------------------
 
 
-def batch_one_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
+def batch_one_task(params: BatchOneParams, workdir: Path, device: str = "cpu") -> dict[str, Any]:
     """Batch size 1: bnlab refuses to train (the error it raises), and the normalized output
     computed anyway is identically zero, so γ gets no gradient and β alone passes through."""
     from bnlab.functional import moments, scale_shift
@@ -202,8 +208,8 @@ def batch_one_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -
     }
 
 
-def shift_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
-    """The trained model of a ``train`` run (``params["train_key"]``: resumed from that run's
+def shift_task(params: ShiftParams, workdir: Path, device: str = "cpu") -> dict[str, Any]:
+    """The trained model of a ``train`` run (``params.train_key``: resumed from that run's
     work directory, which a finished run leaves complete; trained there if it is gone) under
     every corruption of bnlab.data.corrupt, read five ways:
 
@@ -219,8 +225,8 @@ def shift_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> di
     from bnlab.tools.common import find_batch_norms, has_running_stats
     from bnlab.train import TrainConfig, evaluate, resume, train
 
-    train_dir = workdir.parent / params["train_key"]
-    config = TrainConfig.from_dict({**params["config"], "out": str(train_dir), "device": device})
+    train_dir = workdir.parent / params.train_key
+    config = TrainConfig.from_dict({**params.config, "out": str(train_dir), "device": device})
     if (train_dir / "config.json").exists():
         result = resume(train_dir, dataset(), progress=False)
     else:
@@ -244,10 +250,10 @@ def shift_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> di
         batches = list(x.split(256))
         row = {"source": evaluate(source, x, test_y)}
         if has_bn:
-            for prior in params["priors"]:
+            for prior in params.priors:
                 adapted = adapt_bn(copy.deepcopy(source), batches, prior=float(prior))
                 row["target" if prior == 0 else f"prior {prior:g}"] = evaluate(adapted, x, test_y)
-            tented = tent(source, batches, steps=1, lr=params["tent_lr"])
+            tented = tent(source, batches, steps=1, lr=params.tent_lr)
             with torch.no_grad():
                 correct = sum(
                     int((tented(xb).argmax(1) == yb).sum())
@@ -258,18 +264,36 @@ def shift_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> di
     return {"accuracy": accuracy}
 
 
-def controversy_task(params: dict[str, Any], workdir: Path, device: str = "cpu") -> dict[str, Any]:
+def controversy_task(
+    params: ControversyConfig, workdir: Path, device: str = "cpu"
+) -> dict[str, Any]:
     from bnlab.lab.controversy import run_controversy
 
-    return run_controversy({**params, "device": device}, dataset())
+    return run_controversy(dataclasses.replace(params, device=device), dataset())
 
 
-TASKS: dict[str, Callable[[dict[str, Any], Path, str], dict[str, Any]]] = {
-    "train": train_task,
-    "batch_one": batch_one_task,
-    "controversy": controversy_task,
-    "shift": shift_task,
+@dataclass(frozen=True)
+class Task:
+    """A task: its parameters' type (bnlab.lab.params) and the function that runs it."""
+
+    params: type[TaskParams]
+    run: Callable[[Any, Path, str], dict[str, Any]]
+
+
+TASKS: dict[str, Task] = {
+    "train": Task(TrainParams, train_task),
+    "batch_one": Task(BatchOneParams, batch_one_task),
+    "controversy": Task(ControversyConfig, controversy_task),
+    "shift": Task(ShiftParams, shift_task),
 }
+
+
+def task_params(task: str, params: Mapping[str, Any]) -> TaskParams:
+    """``params`` as ``task``'s typed parameters: an unknown task, an unknown key or a bad value
+    is an error here, before any work."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}.")
+    return TASKS[task].params.from_dict(params)
 
 
 def run_task(
@@ -280,9 +304,8 @@ def run_task(
     threads: int | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    if task not in TASKS:
-        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}.")
+    typed = task_params(task, params)  # checked before anything is written
     workdir.parent.mkdir(parents=True, exist_ok=True)
     if threads is not None:
         torch.set_num_threads(threads)
-    return TASKS[task](params, workdir, device)
+    return TASKS[task].run(typed, workdir, device)

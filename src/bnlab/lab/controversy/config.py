@@ -1,15 +1,15 @@
 """The parameters of one controversy run: a typed frozen dataclass with commented defaults,
-checked when built; :meth:`ControversyConfig.from_dict` refuses unknown keys, as
-:class:`bnlab.train.TrainConfig` does (a misspelt key would otherwise be silently ignored)."""
+checked when built; :meth:`ControversyConfig.from_dict` refuses unknown keys, as every task's
+parameters do (:mod:`bnlab.lab.params`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
+from bnlab.lab.params import TaskParams
 from bnlab.train.config import ConfigError
 
 NORMS: Final[tuple[str, ...]] = ("bnlab", "none", "noisy")
@@ -32,8 +32,10 @@ def _check_int(value: Any, name: str, low: int) -> None:
 
 
 @dataclass(frozen=True)
-class ControversyConfig:
+class ControversyConfig(TaskParams):
     """Everything that defines one run of :func:`bnlab.lab.controversy.run_controversy`."""
+
+    task: ClassVar[str] = "controversy"
 
     norm: str = "bnlab"  # "bnlab" (the chapter's BN-LeNet) | "none" | "noisy" (BN + noise)
     lr: float = 1.0  # SGD learning rate (the chapter's BN-LeNet uses 1.0)
@@ -80,28 +82,6 @@ class ControversyConfig:
         for name in ("lr", "noise_mean", "noise_std"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "step_sizes", tuple(float(s) for s in steps))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: step_sizes becomes a list."""
-        return {**dataclasses.asdict(self), "step_sizes": list(self.step_sizes)}
-
-    @classmethod
-    def from_dict(cls, params: Mapping[str, Any]) -> ControversyConfig:
-        """``params`` over the defaults; unknown keys are an error (a misspelt key would
-        otherwise be ignored and the run silently use the default)."""
-        if not isinstance(params, Mapping):
-            raise TypeError(
-                f"params: expected a dict such as {{'norm': 'bnlab', 'lr': 1.0}}, got "
-                f"{type(params).__name__}."
-            )
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(params) - set(names))
-        if unknown:
-            raise ConfigError(
-                f"controversy: unknown parameter(s) {unknown}; known: {sorted(names)}. Check "
-                "the spelling, or leave the key out to take its default."
-            )
-        return cls(**params)
 
 
 __all__ = ["NORMS", "ConfigError", "ControversyConfig"]

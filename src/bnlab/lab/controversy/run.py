@@ -107,11 +107,11 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def run_controversy(params: Mapping[str, Any], data: Any) -> dict[str, Any]:
+def run_controversy(params: ControversyConfig | Mapping[str, Any], data: Any) -> dict[str, Any]:
     """Train one LeNet (``params["norm"]``) with plain SGD, probing ICS and the loss landscape
     every ``measure_every`` steps (module docstring of :mod:`bnlab.lab.controversy`).
-    ``params``: the fields of :class:`ControversyConfig` (missing keys take its defaults,
-    unknown keys are an error). ``data``: a :class:`bnlab.data.FashionMNIST` or any object
+    ``params``: a :class:`ControversyConfig`, or its fields as a dict (missing keys take its
+    defaults, unknown keys are an error). ``data``: a :class:`bnlab.data.FashionMNIST` or any object
     with uint8 ``train_images`` (N, H, W), ``train_labels`` (N,), ``test_images``,
     ``test_labels``.
 
@@ -123,7 +123,7 @@ def run_controversy(params: Mapping[str, Any], data: Any) -> dict[str, Any]:
             ``ics_g_norm`` (``{layer: [...]}``);
         final_test_acc, steps, train_examples, diverged, seconds, probe_seconds, torch, threads.
     """
-    p = ControversyConfig.from_dict(params)
+    p = _config(params)
     for name in ("train_images", "train_labels", "test_images", "test_labels"):
         if not hasattr(data, name):
             raise TypeError(

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import matplotlib.pyplot as plt
 
+from bnlab.lab.params import TrainParams
 from bnlab.lab.plan import Run
 from bnlab.lab.report import Block, Figure, Section, Table, Text
 from bnlab.lab.scale import Scale
@@ -78,7 +79,7 @@ def train_run(
     experiment: str, arm: str, scale: Scale, seed: int, **overrides: Any
 ) -> tuple[str, Run]:
     """One training run of an arm: the chapter's defaults, the scale's epochs and data."""
-    params = {"config": train_config(scale, seed, **overrides)}
+    params = TrainParams(config=train_config(scale, seed, **overrides)).to_dict()
     return arm, Run(experiment, f"{arm} seed={seed}", "train", params)
 
 

@@ -21,6 +21,7 @@ from bnlab.lab.experiments.base import (
     train_run,
     verdict_sentence,
 )
+from bnlab.lab.params import ShiftParams
 from bnlab.lab.plan import Run
 from bnlab.lab.report import Block, Section, Table
 from bnlab.lab.scale import Scale
@@ -59,12 +60,12 @@ class Shift:
                 arm, train = train_run(self.name, label, scale, seed, **overrides)
                 planned.append((f"{arm} (trained)", train))
                 if train in results:
-                    params = {
-                        "config": train.params["config"],
-                        "train_key": train.key,
-                        "priors": list(PRIORS),
-                        "tent_lr": TENT_LR,
-                    }
+                    params = ShiftParams(
+                        train_key=train.key,
+                        config=train.params["config"],
+                        priors=PRIORS,
+                        tent_lr=TENT_LR,
+                    ).to_dict()
                     planned.append((arm, Run(self.name, f"{arm} seed={seed}", "shift", params)))
         return planned
 
