@@ -215,10 +215,12 @@ def power_note(comps: Sequence[Comparison]) -> list[Block]:
             by_metric[c.metric].append(c.detectable)
     if not by_metric:
         return []
-    parts = [
-        f"{METRICS[m][0] if m in METRICS else m}: {min(d):.3f}–{max(d):.3f}"
-        for m, d in by_metric.items()
-    ]
+
+    def span(d: list[float]) -> str:
+        lo, hi = f"{min(d):.3f}", f"{max(d):.3f}"
+        return lo if lo == hi else f"{lo}–{hi}"
+
+    parts = [f"{METRICS[m][0] if m in METRICS else m}: {span(d)}" for m, d in by_metric.items()]
     return [
         Text(
             "Where this section finds no detectable difference, its seeds would have detected "
