@@ -5,8 +5,10 @@ BN, whitened covariance is I, PIT marginals are standard normal), and bad input.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import pickle
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnlab.functional.checks import MismatchError
 from bnlab.functional.norms import (
     batch_renorm,
     ghost_batch_norm,
@@ -36,6 +39,7 @@ from bnlab.functional.whitening import (
     whitening_norm,
     zca_whitening_matrix,
 )
+from bnlab.nn.batchnorm import BatchNorm
 from bnlab.nn.norms import BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from bnlab.nn.pit import PITNorm
 from bnlab.nn.whitening import DecorrelatedBatchNorm, IterNorm
@@ -254,6 +258,128 @@ def test_lazy_group_norm_rejects_a_non_divisor_at_first_input_and_changes_nothin
     with pytest.raises(ValueError, match=r"num_groups: expected a divisor of the 6 input"):
         gn(torch.randn(2, 6, 3, 3))
     assert gn.num_features is None and type(gn) is not GroupNorm
+
+
+# ---------------------------------------------------------------------------------------------
+# One base for every channel norm: the same bookkeeping, BatchNorm's included
+# ---------------------------------------------------------------------------------------------
+
+ALL_CASES: list[tuple[type, dict[str, object]]] = [(BatchNorm, {}), *LAZY_CASES]
+ALL_IDS = [c[0].__name__ for c in ALL_CASES]
+
+
+def trained(plain: type, kwargs: dict[str, object]) -> nn.Module:
+    """A 6-channel layer with non-trivial γ, β after one training step."""
+    m = plain(6, **kwargs)
+    set_affine(m)
+    m(rand(4, 6, 3, 3, seed=1).float())
+    return m
+
+
+@pytest.mark.parametrize(("plain", "kwargs"), ALL_CASES, ids=ALL_IDS)
+def test_a_lazy_layer_pickles_before_its_first_input_then_materializes_as_built(
+    plain: type, kwargs: dict[str, object]
+) -> None:
+    """Pickled while lazy, the copy is still lazy; its first input (given by forward's own
+    keyword) makes it the plain class, with the output and state of a layer built for C."""
+    clone = pickle.loads(pickle.dumps(plain(**kwargs)))
+    assert type(clone) is not plain and isinstance(clone, plain)
+    assert clone.has_uninitialized_params()
+    x = rand(4, 6, 3, 3).float()
+    first = list(inspect.signature(plain.forward).parameters)[1]  # after self
+    y = clone(**{first: x})
+    assert type(clone) is plain and clone.num_features == 6
+    built = plain(6, **kwargs)
+    torch.testing.assert_close(y, built(x))
+    for key, value in built.state_dict().items():
+        torch.testing.assert_close(clone.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize(("plain", "kwargs"), ALL_CASES, ids=ALL_IDS)
+def test_a_lazy_layer_takes_a_state_dict_before_its_first_input(
+    plain: type, kwargs: dict[str, object]
+) -> None:
+    source = trained(plain, kwargs).eval()
+    lazy = plain(**kwargs)
+    lazy.load_state_dict(source.state_dict())
+    x = rand(4, 6, 3, 3, seed=2).float()
+    torch.testing.assert_close(lazy.eval()(x), source(x))
+    assert type(lazy) is plain and lazy.num_features == 6
+
+
+@pytest.mark.parametrize(("plain", "kwargs"), ALL_CASES, ids=ALL_IDS)
+def test_reset_running_stats_and_reset_parameters_restore_a_fresh_layer(
+    plain: type, kwargs: dict[str, object]
+) -> None:
+    m, fresh = trained(plain, kwargs), plain(6, **kwargs)
+    trained_affine = {k: v.clone() for k, v in m.named_parameters()}
+    m.reset_running_stats()  # the statistics only; γ and β keep their values
+    for key, value in fresh.state_dict().items():
+        expected = trained_affine.get(key, value)
+        torch.testing.assert_close(m.state_dict()[key], expected, rtol=0, atol=0, msg=key)
+    m(rand(4, 6, 3, 3, seed=3).float())
+    m.reset_parameters()
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(("plain", "kwargs"), ALL_CASES, ids=ALL_IDS)
+def test_every_norm_checks_num_features_and_channels_with_the_same_words(
+    plain: type, kwargs: dict[str, object]
+) -> None:
+    for bad in (0, -2, 2.5, True, "6"):
+        with pytest.raises(ValueError, match=r"num_features: expected a positive int"):
+            plain(bad, **kwargs)
+    m = plain(6, **kwargs)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    message = r"expected 6 channels on axis 1 \(num_features=6\), got input shape \(4, 4, 3, 3\)"
+    with pytest.raises(MismatchError, match=message) as caught:
+        m(rand(4, 4, 3, 3).float())
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, RuntimeError)
+    for key, value in m.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_instance_norm_running_statistics_go_through_the_one_store() -> None:
+    """skip_nonfinite as BatchNorm's: a batch with a NaN leaves the running statistics and the
+    count as they were, with one warning per layer; without it the NaN goes in, as in torch's
+    InstanceNorm2d."""
+    x = rand(3, 4, 5, 5)
+    bad = x.clone()
+    bad[0, 1, 2, 2] = math.nan
+    ours = InstanceNorm(4, track_running_stats=True, skip_nonfinite=True, dtype=F64)
+    ours(x)
+    after_one = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="InstanceNorm: a batch had non-finite statistics"):
+        ours(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shown once per layer
+        ours(bad)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, after_one[key]), key
+    plain = InstanceNorm(4, track_running_stats=True, dtype=F64)
+    ref = nn.InstanceNorm2d(4, track_running_stats=True, dtype=F64)
+    plain(bad)
+    ref(bad)
+    assert bool(plain.running_mean.isnan().any())
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(plain, name), getattr(ref, name), equal_nan=True)
+    assert int(plain.num_batches_tracked) == 1
+
+
+def test_instance_norm_loads_a_version_1_checkpoint_without_a_count_as_torch() -> None:
+    """torch's _NormBase rule, which its InstanceNorm shares: a version-1 dict has no
+    num_batches_tracked, and the module keeps its own."""
+    for m in (
+        InstanceNorm(3, track_running_stats=True),
+        nn.InstanceNorm2d(3, track_running_stats=True),
+    ):
+        state = m.state_dict()
+        del state["num_batches_tracked"]
+        state._metadata[""]["version"] = 1  # type: ignore[attr-defined]
+        m.num_batches_tracked = torch.tensor(4)
+        m.load_state_dict(state)
+        assert int(m.num_batches_tracked) == 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
-from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch import Tensor
 
 from bnlab.functional import native
 from bnlab.functional.batch_norm import (
     DEFAULT_MOMENTUM,
     MomentumArg,
     batch_norm,
-    channel_axis_index,
     check_impl,
     get_convention,
 )
-from bnlab.functional.checks import MismatchError, check_input
+from bnlab.nn.base import ChannelNorm, LazyChannelNorm, add_missing_batch_count
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(ChannelNorm):
     """Batch normalization (Ioffe & Szegedy, 2015) over every axis but the channel axis, for
     inputs of any rank >= 2; :func:`bnlab.functional.batch_norm` holds the formulas and the
     momentum conventions, this class only keeps the state.
@@ -59,24 +55,7 @@ class BatchNorm(nn.Module):
     math). An unknown name fails here, listing the names.
     """
 
-    _version = 2  # same state-dict version as torch's _NormBase, so both load each other's
-
-    num_features: int | None
-    weight: Tensor | None
-    bias: Tensor | None
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> BatchNorm:
-        # BatchNorm() / BatchNorm(None) is lazy: it becomes a plain BatchNorm after one forward.
-        num_features = args[0] if args else kwargs.get("num_features")
-        if cls is BatchNorm and num_features is None:
-            cls = LazyBatchNorm
-        return super().__new__(cls)
-
-    def __getnewargs__(self) -> tuple[Any, ...]:
-        return (self.num_features,)  # so copy/pickle rebuild the same (lazy or not) class
+    running_stats = ("running_mean", "running_var")
 
     def __init__(
         self,
@@ -107,13 +86,6 @@ class BatchNorm(nn.Module):
                 f"surely not meant. For the input rank (the chapter's num_dims) write "
                 f"BatchNorm({num_features}, num_dims={eps})."
             )
-        if num_features is not None and (
-            isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1
-        ):
-            raise ValueError(
-                f"num_features: expected a positive int (the channel count C) or None to infer "
-                f"it from the first input, got {num_features!r}."
-            )
         if num_dims is not None and num_dims < 2:
             raise ValueError(
                 f"num_dims: expected the input rank (2 for (N, C), 4 for "
@@ -138,12 +110,10 @@ class BatchNorm(nn.Module):
         self.convention = conv.name
         # eps and momentum are checked where they are used, in forward, as torch does
         self.momentum = conv.default_momentum if momentum is DEFAULT_MOMENTUM else momentum
-        self.num_features = num_features
         self.num_dims = num_dims
         self.eps = eps
         self.scale = affine if scale is None else scale
         self.center = (affine and bias) if center is None else center
-        self.affine = self.scale  # torch's attribute: γ exists (β too unless bias=False)
         self.fixed_affine = fixed_affine
         self.track_running_stats = track_running_stats
         self.use_global_stats = use_global_stats
@@ -151,53 +121,14 @@ class BatchNorm(nn.Module):
         self.skip_nonfinite = skip_nonfinite
         check_impl(impl)
         self.impl = impl
-        self._warned_nonfinite = False
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        lazy = num_features is None
-
-        def per_channel() -> Tensor:  # an uninitialized placeholder until C is known
-            return UninitializedBuffer(**fk) if lazy else torch.empty(num_features or 0, **fk)
-
-        for name, wanted in (("weight", self.scale), ("bias", self.center)):
-            if not wanted:
-                self.register_parameter(name, None)
-            elif fixed_affine:
-                self.register_buffer(name, per_channel())
-            else:
-                param = UninitializedParameter(**fk) if lazy else nn.Parameter(per_channel())
-                self.register_parameter(name, cast(nn.Parameter, param))
-        if track_running_stats:
-            self.register_buffer("running_mean", per_channel())
-            self.register_buffer("running_var", per_channel())
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        if not lazy:
-            self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, batch count 0."""
-        if self.track_running_stats and self.num_features is not None:
-            assert self.running_mean is not None and self.running_var is not None
-            assert self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """γ = 1, β = 0 (the chapter's initialization), and fresh running statistics."""
-        self.reset_running_stats()
-        if self.num_features is None:
-            return
-        with torch.no_grad():
-            if self.weight is not None:
-                self.weight.fill_(1)
-            if self.bias is not None:
-                self.bias.zero_()
+        self._create_state(
+            num_features,
+            affine=self.scale,
+            bias=self.center,
+            learn_affine=not fixed_affine,
+            device=device,
+            dtype=dtype,
+        )
 
     def extra_repr(self) -> str:
         extras = [
@@ -239,24 +170,6 @@ class BatchNorm(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(self._ALIASES.get(name, name), value)
 
-    def _check_input(self, x: Tensor) -> int:
-        """Validate ``x`` and return its channel axis as a non-negative index."""
-        check_input(x)
-        if self.num_dims is not None and x.ndim != self.num_dims:
-            raise ValueError(
-                f"expected a rank-{self.num_dims} input (num_dims={self.num_dims}), got shape "
-                f"{tuple(x.shape)}. Build the layer with num_dims={x.ndim} or reshape the input."
-            )
-        axis = channel_axis_index(self.axis, x.ndim)
-        if self.num_features is not None and x.shape[axis] != self.num_features:
-            raise MismatchError(
-                f"expected {self.num_features} channels on axis {self.axis} (num_features="
-                f"{self.num_features}), got input shape {tuple(x.shape)} with {x.shape[axis]}. "
-                "Check the previous layer's output channels, or build the layer with "
-                f"num_features={x.shape[axis]} (or None to infer it)."
-            )
-        return axis
-
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (the input's shape less the channel axis, True at real
         values) keeps padded positions out of the statistics (:func:`batch_norm`'s ``mask``)."""
@@ -296,77 +209,14 @@ class BatchNorm(nn.Module):
             self._store_running_stats(new_mean, new_var)
         return y
 
-    def _store_running_stats(self, new_mean: Tensor, new_var: Tensor) -> None:
-        """Keep the new running statistics and count the batch, unless ``skip_nonfinite`` and
-        they are not finite (then warn once per layer). Subclasses that compute statistics
-        their own way (sync, renorm, ghost) store them through here too."""
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        if self.skip_nonfinite and not bool(
-            torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
-        ):
-            if not self._warned_nonfinite:
-                warnings.warn(
-                    f"{type(self).__name__}: a batch had non-finite statistics (NaN/Inf in "
-                    "the input); the running statistics were left unchanged. This warning "
-                    "is shown once per layer.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._warned_nonfinite = True
-            return
-        # buffers never require grad and the new values are detached: no no_grad() needed
-        self.running_mean.copy_(new_mean)
-        self.running_var.copy_(new_var)
-        self.num_batches_tracked.add_(1)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        if self.track_running_stats:
-            add_missing_batch_count(state_dict, prefix, local_metadata, self.num_batches_tracked)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-
-def add_missing_batch_count(
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    current: Tensor | None = None,
-) -> None:
-    """A state dict without num_batches_tracked (old, version < 2, torch checkpoints; a partial
-    dict loaded with strict=False) keeps the module's ``current`` count, as torch does; 0 where
-    there is none (or it is on the meta device)."""
-    key = prefix + "num_batches_tracked"
-    if (local_metadata.get("version") or 0) < 2 and key not in state_dict:
-        keep = current is not None and current.device.type != "meta"
-        state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
-
-
-class LazyBatchNorm(LazyModuleMixin, BatchNorm):
+class LazyBatchNorm(LazyChannelNorm, BatchNorm):
     """BatchNorm whose C is inferred from the first input; becomes a :class:`BatchNorm`."""
 
     cls_to_become = BatchNorm
 
-    def initialize_parameters(  # type: ignore[override]
-        self, input: Tensor, mask: Tensor | None = None
-    ) -> None:
-        # called with forward's arguments; C comes from the input alone
-        if self.num_features is None:  # also after a state dict materialized the tensors
-            self.num_features = int(input.shape[self._check_input(input)])
-        if not self.has_uninitialized_params():
-            return
-        with torch.no_grad():
-            for t in (self.weight, self.bias, self.running_mean, self.running_var):
-                if t is not None:
-                    t.materialize((self.num_features,))  # type: ignore[attr-defined,union-attr]
-            self.reset_parameters()
+
+BatchNorm._lazy_variant = LazyBatchNorm
+
+# add_missing_batch_count: also imported from here (bnlab.tools.frozen)
+__all__ = ["BatchNorm", "LazyBatchNorm", "add_missing_batch_count"]

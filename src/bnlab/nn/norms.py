@@ -13,12 +13,9 @@ GhostBatchNorm ones into ``torch.nn.BatchNorm2d``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, cast
 
 import torch
-from torch import Tensor, nn
-from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+from torch import Tensor
 
 from bnlab.functional.batch_norm import (
     DEFAULT_MOMENTUM,
@@ -26,7 +23,7 @@ from bnlab.functional.batch_norm import (
     get_convention,
     resolve_momentum,
 )
-from bnlab.functional.checks import check_eps, check_input
+from bnlab.functional.checks import check_eps
 from bnlab.functional.masked import refuse_mask
 from bnlab.functional.norms import (
     batch_renorm,
@@ -38,145 +35,8 @@ from bnlab.functional.norms import (
     layer_norm,
     renorm_limits,
 )
-from bnlab.nn.batchnorm import BatchNorm, LazyBatchNorm
-
-
-def check_num_features(num_features: object) -> None:
-    if num_features is not None and (
-        isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1
-    ):
-        raise ValueError(
-            f"num_features: expected a positive int (the channel count C) or None to infer it "
-            f"from the first input, got {num_features!r}."
-        )
-
-
-class LazyByDefault:
-    """``Layer(None)`` / ``Layer()`` builds ``Layer``'s lazy variant (set as ``_lazy_variant`` in
-    the class's own ``__dict__``, so subclasses are not redirected)."""
-
-    num_features: int | None
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        num_features = args[0] if args else kwargs.get("num_features")
-        lazy = cls.__dict__.get("_lazy_variant")
-        if num_features is None and lazy is not None:
-            cls = lazy
-        return super().__new__(cls)  # type: ignore[misc]
-
-    def __getnewargs__(self) -> tuple[Any, ...]:
-        return (self.num_features,)  # copy/pickle rebuild the same (lazy or plain) class
-
-
-class ChannelNorm(LazyByDefault, nn.Module):
-    """Shared bookkeeping: C (or lazy), optional per-channel γ and β, per-channel state created
-    from :meth:`state_shapes`, ``reset_parameters`` / ``reset_running_stats`` as PyTorch's."""
-
-    _lazy_variant: ClassVar[type | None]
-    num_features: int | None
-    affine: bool
-    weight: Tensor | None
-    bias: Tensor | None
-
-    def _create_state(
-        self,
-        num_features: int | None,
-        *,
-        affine: bool,
-        buffers: Sequence[str],
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-    ) -> None:
-        """Register ``weight``/``bias`` (if affine) and ``buffers``; shapes from
-        :meth:`state_shapes`, or uninitialized until the first input when C is None."""
-        check_num_features(num_features)
-        self.num_features = num_features
-        self.affine = affine
-        fk: dict[str, Any] = {"device": device, "dtype": dtype}
-        lazy = num_features is None
-        shapes = {} if num_features is None else self.state_shapes(num_features)
-        for name in ("weight", "bias"):
-            if not affine:
-                self.register_parameter(name, None)
-            elif lazy:
-                self.register_parameter(name, cast(nn.Parameter, UninitializedParameter(**fk)))
-            else:
-                self.register_parameter(name, nn.Parameter(torch.empty(shapes[name], **fk)))
-        for name in buffers:
-            self.register_buffer(
-                name, UninitializedBuffer(**fk) if lazy else torch.empty(shapes[name], **fk)
-            )
-        if not lazy:
-            self.reset_parameters()
-
-    def state_shapes(self, num_features: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of ``weight``, ``bias`` and the per-channel buffers for C channels."""
-        return {"weight": (num_features,), "bias": (num_features,)}
-
-    def validate_features(self, num_features: int) -> None:
-        """Raise if the layer cannot take ``num_features`` channels (checked before any state is
-        created, also for a lazy layer's first input)."""
-
-    def reset_running_stats(self) -> None:
-        """Nothing to reset for layers without running statistics."""
-
-    def reset_parameters(self) -> None:
-        """γ = 1, β = 0, and fresh running statistics."""
-        self.reset_running_stats()
-        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
-        if self.affine and isinstance(weight, Tensor) and not isinstance(weight, LazyTensor):
-            nn.init.ones_(weight)
-            nn.init.zeros_(bias)  # type: ignore[arg-type]
-
-    def _check_input(self, x: Tensor) -> None:
-        check_input(x)
-        if self.num_features is not None and x.shape[1] != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} channels on axis 1 (num_features="
-                f"{self.num_features}), got input shape {tuple(x.shape)} with {x.shape[1]}. "
-                "Check the previous layer's output channels, or build the layer with "
-                f"num_features={x.shape[1]} (or None to infer it)."
-            )
-
-
-LazyTensor = (UninitializedParameter, UninitializedBuffer)
-
-
-class LazyChannelNorm(LazyModuleMixin):
-    """Materialize every uninitialized parameter and buffer once the first input shows C."""
-
-    def initialize_parameters(self, x: Tensor, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        norm: Any = self
-        check_input(x)
-        c = int(x.shape[1])
-        norm.validate_features(c)  # before any state changes
-        norm.num_features = c
-        if not norm.has_uninitialized_params():  # stateless, or loaded from a state dict
-            return
-        with torch.no_grad():
-            for name, shape in norm.state_shapes(c).items():
-                t = getattr(norm, name, None)
-                if isinstance(t, LazyTensor):
-                    t.materialize(shape)
-            norm.reset_parameters()
-
-
-def _store(module: nn.Module, new: dict[str, Tensor | None]) -> None:
-    """Copy the returned running statistics into the module's buffers; count one batch."""
-    with torch.no_grad():
-        for name, value in new.items():
-            buf = getattr(module, name)
-            if value is not None and buf is not None:
-                buf.copy_(value)
-        count = getattr(module, "num_batches_tracked", None)
-        if count is not None:
-            count.add_(1)
-
-
-def _batches_seen(module: nn.Module, momentum: float | None) -> int:
-    count = getattr(module, "num_batches_tracked", None)
-    return int(count) if (momentum is None and module.training and count is not None) else 0
-
+from bnlab.nn.base import ChannelNorm, LazyChannelNorm
+from bnlab.nn.batchnorm import BatchNorm
 
 # ---------------------------------------------------------------------------------------------
 # Layer, group, instance
@@ -226,7 +86,7 @@ class LayerNorm(ChannelNorm):
                 )
             self.normalized_shape = shape
             num_features = shape[0]
-        self._create_state(num_features, affine=affine, buffers=(), device=device, dtype=dtype)
+        self._create_state(num_features, affine=affine, device=device, dtype=dtype)
 
     def state_shapes(self, num_features: int) -> dict[str, tuple[int, ...]]:
         shape = self.normalized_shape or (num_features,)
@@ -270,10 +130,7 @@ class GroupNorm(ChannelNorm):
             raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}.")
         self.num_groups = num_groups
         self.eps = eps
-        if num_features is not None:
-            check_num_features(num_features)
-            self.validate_features(num_features)
-        self._create_state(num_features, affine=affine, buffers=(), device=device, dtype=dtype)
+        self._create_state(num_features, affine=affine, device=device, dtype=dtype)
 
     def validate_features(self, num_features: int) -> None:
         check_groups(self.num_groups, num_features)
@@ -293,11 +150,9 @@ class InstanceNorm(ChannelNorm):
     """Instance normalization (:func:`bnlab.functional.instance_norm`) for inputs with spatial
     axes (N, C, *spatial). Defaults as ``torch.nn.InstanceNorm2d``: no affine, no running
     statistics; ``track_running_stats=True`` keeps running mean/variance for prediction (same
-    update and conventions as :class:`bnlab.nn.BatchNorm`)."""
+    update, conventions and ``skip_nonfinite`` as :class:`bnlab.nn.BatchNorm`)."""
 
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
+    running_stats = ("running_mean", "running_var")
 
     def __init__(
         self,
@@ -308,6 +163,7 @@ class InstanceNorm(ChannelNorm):
         affine: bool = False,
         track_running_stats: bool = False,
         convention: str = "torch",
+        skip_nonfinite: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -317,32 +173,14 @@ class InstanceNorm(ChannelNorm):
         self.convention = get_convention(convention).name
         self.momentum = resolve_momentum(momentum, get_convention(convention))
         self.track_running_stats = track_running_stats
-        if track_running_stats:
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-            buffers: tuple[str, ...] = ("running_mean", "running_var")
-        else:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, None)
-            buffers = ()
-        self._create_state(num_features, affine=affine, buffers=buffers, device=device, dtype=dtype)
-
-    def state_shapes(self, num_features: int) -> dict[str, tuple[int, ...]]:
-        c = (num_features,)
-        return {"weight": c, "bias": c, "running_mean": c, "running_var": c}
-
-    def reset_running_stats(self) -> None:
-        if self.running_mean is not None and not isinstance(self.running_mean, LazyTensor):
-            assert self.running_var is not None and self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+        self.skip_nonfinite = skip_nonfinite
+        self._create_state(num_features, affine=affine, device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
+        skip = ", skip_nonfinite=True" if self.skip_nonfinite else ""
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, convention={self.convention!r}"
+            f"track_running_stats={self.track_running_stats}, convention={self.convention!r}{skip}"
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -357,10 +195,15 @@ class InstanceNorm(ChannelNorm):
             momentum=self.momentum,
             eps=self.eps,
             convention=self.convention,
-            num_batches_tracked=_batches_seen(self, self.momentum),
+            num_batches_tracked=self._batches_seen(),
         )
-        if self.training and self.track_running_stats:
-            _store(self, {"running_mean": new_mean, "running_var": new_var})
+        if (
+            self.training
+            and self.track_running_stats
+            and new_mean is not None
+            and new_var is not None
+        ):
+            self._store_running_stats(new_mean, new_var)
         return y
 
 
@@ -386,7 +229,7 @@ InstanceNorm._lazy_variant = LazyInstanceNorm
 # ---------------------------------------------------------------------------------------------
 
 
-class BatchRenorm(LazyByDefault, BatchNorm):
+class BatchRenorm(BatchNorm):
     """Batch renormalization (:func:`bnlab.functional.batch_renorm`; Ioffe, 2017).
 
     The clipping limits follow :func:`bnlab.functional.renorm_limits` at the step
@@ -397,7 +240,6 @@ class BatchRenorm(LazyByDefault, BatchNorm):
     state dict loads into ``torch.nn.BatchNorm2d``.
     """
 
-    _lazy_variant: ClassVar[type | None]
     running_mean: Tensor
     running_var: Tensor
     num_batches_tracked: Tensor
@@ -470,20 +312,18 @@ class BatchRenorm(LazyByDefault, BatchNorm):
             momentum=self.momentum,
             eps=self.eps,
             convention=self.convention,
-            num_batches_tracked=_batches_seen(self, self.momentum),
+            num_batches_tracked=self._batches_seen(),
         )
         if self.training and res.running_mean is not None and res.running_var is not None:
             self._store_running_stats(res.running_mean, res.running_var)
         return res.y
 
 
-class GhostBatchNorm(LazyByDefault, BatchNorm):
+class GhostBatchNorm(BatchNorm):
     """Ghost batch normalization (:func:`bnlab.functional.ghost_batch_norm`; Hoffer et al.,
     2017): training statistics per virtual batch of ``virtual_batch_size`` samples; running
     statistics and prediction as batch norm on the whole batch (one update per step). The
     default of 32 samples is smaller than the paper's 128, for this lab's batches of 128-256."""
-
-    _lazy_variant: ClassVar[type | None]
 
     def __init__(
         self,
@@ -540,7 +380,7 @@ class GhostBatchNorm(LazyByDefault, BatchNorm):
             momentum=self.momentum,
             eps=self.eps,
             convention=self.convention,
-            num_batches_tracked=_batches_seen(self, self.momentum),
+            num_batches_tracked=self._batches_seen(),
             impl=self.impl,
         )
         if self.training and new_mean is not None and new_var is not None:
@@ -548,12 +388,12 @@ class GhostBatchNorm(LazyByDefault, BatchNorm):
         return y
 
 
-class LazyBatchRenorm(LazyBatchNorm, BatchRenorm):  # type: ignore[misc]
-    cls_to_become = BatchRenorm  # type: ignore[assignment]
+class LazyBatchRenorm(LazyChannelNorm, BatchRenorm):
+    cls_to_become = BatchRenorm
 
 
-class LazyGhostBatchNorm(LazyBatchNorm, GhostBatchNorm):  # type: ignore[misc]
-    cls_to_become = GhostBatchNorm  # type: ignore[assignment]
+class LazyGhostBatchNorm(LazyChannelNorm, GhostBatchNorm):
+    cls_to_become = GhostBatchNorm
 
 
 BatchRenorm._lazy_variant = LazyBatchRenorm
@@ -562,7 +402,6 @@ GhostBatchNorm._lazy_variant = LazyGhostBatchNorm
 
 __all__ = [
     "BatchRenorm",
-    "ChannelNorm",
     "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",

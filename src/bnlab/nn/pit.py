@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor
 
 from bnlab.functional.checks import check_momentum
 from bnlab.functional.norms import check_positive_int
 from bnlab.functional.pit import normal_scores, pit_norm, quantile_levels
-from bnlab.nn.norms import ChannelNorm, LazyChannelNorm, LazyTensor, _batches_seen, _store
+from bnlab.nn.base import ChannelNorm, LazyChannelNorm
 
 
 class PITNorm(ChannelNorm):
@@ -22,9 +20,8 @@ class PITNorm(ChannelNorm):
     untrained layer is the identity on standard-normal inputs, and ``num_batches_tracked``.
     """
 
-    _lazy_variant: ClassVar[type | None]
+    running_stats = ("running_quantiles",)
     running_quantiles: Tensor | None
-    num_batches_tracked: Tensor | None
 
     def __init__(
         self,
@@ -46,28 +43,17 @@ class PITNorm(ChannelNorm):
         self.max_samples = max_samples
         self.momentum = momentum
         self.track_running_stats = track_running_stats
-        if track_running_stats:
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-            buffers: tuple[str, ...] = ("running_quantiles",)
-        else:
-            self.register_buffer("running_quantiles", None)
-            self.register_buffer("num_batches_tracked", None)
-            buffers = ()
-        self._create_state(num_features, affine=affine, buffers=buffers, device=device, dtype=dtype)
+        self._create_state(num_features, affine=affine, device=device, dtype=dtype)
 
     def state_shapes(self, num_features: int) -> dict[str, tuple[int, ...]]:
-        c = (num_features,)
-        return {"weight": c, "bias": c, "running_quantiles": (num_features, self.num_quantiles)}
+        shapes = super().state_shapes(num_features)
+        return {**shapes, "running_quantiles": (num_features, self.num_quantiles)}
 
-    def reset_running_stats(self) -> None:
-        """Running knots at the normal scores (T = identity), batch count 0."""
+    def _fill_running_stats(self) -> None:
+        """Running knots at the normal scores (T = identity)."""
         q = self.running_quantiles
-        if q is not None and not isinstance(q, LazyTensor):
-            assert self.num_batches_tracked is not None
-            q.copy_(normal_scores(self.num_quantiles, dtype=q.dtype, device=q.device).expand_as(q))
-            self.num_batches_tracked.zero_()
+        assert q is not None
+        q.copy_(normal_scores(self.num_quantiles, dtype=q.dtype, device=q.device).expand_as(q))
 
     def extra_repr(self) -> str:
         return (
@@ -87,10 +73,10 @@ class PITNorm(ChannelNorm):
             num_quantiles=self.num_quantiles,
             max_samples=self.max_samples,
             momentum=self.momentum,
-            num_batches_tracked=_batches_seen(self, self.momentum),
+            num_batches_tracked=self._batches_seen(),
         )
-        if self.training and self.track_running_stats:
-            _store(self, {"running_quantiles": new_q})
+        if self.training and self.track_running_stats and new_q is not None:
+            self._store_running_stats(new_q)
         return y
 
 

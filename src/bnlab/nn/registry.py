@@ -29,15 +29,9 @@ from typing import Any, Literal
 
 from torch import nn
 
+from bnlab.nn.base import check_num_features
 from bnlab.nn.batchnorm import BatchNorm
-from bnlab.nn.norms import (
-    BatchRenorm,
-    GhostBatchNorm,
-    GroupNorm,
-    InstanceNorm,
-    LayerNorm,
-    check_num_features,
-)
+from bnlab.nn.norms import BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from bnlab.nn.pit import PITNorm
 from bnlab.nn.whitening import DecorrelatedBatchNorm, IterNorm
 

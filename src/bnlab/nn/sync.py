@@ -232,7 +232,6 @@ class SyncBatchNorm(BatchNorm):
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
         # the statistics are the same on every process, so the skip decision is too
         assert self.running_mean is not None and self.running_var is not None
-        batches_seen = int(self.num_batches_tracked or 0) if self.momentum is None else 0
         new_mean, new_var = running_update(
             self.running_mean,
             self.running_var,
@@ -241,7 +240,7 @@ class SyncBatchNorm(BatchNorm):
             count,
             convention=get_convention(self.convention),
             momentum=self.momentum,
-            num_batches_tracked=batches_seen,
+            num_batches_tracked=self._batches_seen(),
         )
         self._store_running_stats(new_mean, new_var)
 

@@ -3,15 +3,13 @@ IterNorm (Newton–Schulz). Bookkeeping only."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor
 
 from bnlab.functional.checks import check_eps, check_momentum
 from bnlab.functional.norms import check_positive_int
 from bnlab.functional.whitening import WhiteningMethod, whitening_norm
-from bnlab.nn.norms import ChannelNorm, LazyChannelNorm, LazyTensor, _batches_seen, _store
+from bnlab.nn.base import ChannelNorm, LazyChannelNorm
 
 
 class WhiteningNorm(ChannelNorm):
@@ -22,11 +20,9 @@ class WhiteningNorm(ChannelNorm):
     batch statistics. ``momentum`` weights the new batch (PyTorch's meaning; None: cumulative).
     """
 
-    _lazy_variant: ClassVar[type | None]
+    running_stats = ("running_mean", "running_whitening")
     method: WhiteningMethod = "zca"
-    running_mean: Tensor | None
     running_whitening: Tensor | None
-    num_batches_tracked: Tensor | None
 
     def __init__(
         self,
@@ -51,33 +47,16 @@ class WhiteningNorm(ChannelNorm):
         self.eps = eps
         self.momentum = momentum
         self.track_running_stats = track_running_stats
-        if track_running_stats:
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-            buffers: tuple[str, ...] = ("running_mean", "running_whitening")
-        else:
-            for name in ("running_mean", "running_whitening", "num_batches_tracked"):
-                self.register_buffer(name, None)
-            buffers = ()
-        self._create_state(num_features, affine=affine, buffers=buffers, device=device, dtype=dtype)
+        self._create_state(num_features, affine=affine, device=device, dtype=dtype)
 
     def state_shapes(self, num_features: int) -> dict[str, tuple[int, ...]]:
-        c = (num_features,)
-        return {
-            "weight": c,
-            "bias": c,
-            "running_mean": c,
-            "running_whitening": (num_features, num_features),
-        }
+        return {**super().state_shapes(num_features), "running_whitening": (num_features,) * 2}
 
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running whitening matrix I (the identity map), batch count 0."""
-        if self.running_mean is not None and not isinstance(self.running_mean, LazyTensor):
-            assert self.running_whitening is not None and self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_whitening.copy_(torch.eye(self.running_whitening.shape[0]))
-            self.num_batches_tracked.zero_()
+    def _fill_running_stats(self) -> None:
+        """Running mean 0, running whitening matrix I (the identity map)."""
+        assert self.running_mean is not None and self.running_whitening is not None
+        self.running_mean.zero_()
+        self.running_whitening.copy_(torch.eye(self.running_whitening.shape[0]))
 
     def extra_repr(self) -> str:
         its = f", iterations={self.iterations}" if self.method == "newton" else ""
@@ -101,10 +80,11 @@ class WhiteningNorm(ChannelNorm):
             iterations=self.iterations,
             eps=self.eps,
             momentum=self.momentum,
-            num_batches_tracked=_batches_seen(self, self.momentum),
+            num_batches_tracked=self._batches_seen(),
         )
-        if self.training and self.track_running_stats:
-            _store(self, {"running_mean": new_mean, "running_whitening": new_whitening})
+        if self.training and self.track_running_stats and new_mean is not None:
+            assert new_whitening is not None
+            self._store_running_stats(new_mean, new_whitening)
         return y
 
 
