@@ -15,7 +15,7 @@ from bnlab.functional.batch_norm import (
     check_impl,
     get_convention,
 )
-from bnlab.nn.base import ChannelNorm, LazyChannelNorm, add_missing_batch_count
+from bnlab.nn.base import ChannelNorm, LazyChannelNorm
 
 
 class BatchNorm(ChannelNorm):
@@ -218,5 +218,4 @@ class LazyBatchNorm(LazyChannelNorm, BatchNorm):
 
 BatchNorm._lazy_variant = LazyBatchNorm
 
-# add_missing_batch_count: also imported from here (bnlab.tools.frozen)
-__all__ = ["BatchNorm", "LazyBatchNorm", "add_missing_batch_count"]
+__all__ = ["BatchNorm", "LazyBatchNorm"]

@@ -12,7 +12,7 @@ from torch.nn.parameter import is_lazy
 from bnlab.functional.batch_norm import channel_axis_index
 from bnlab.functional.checks import check_eps, check_input
 from bnlab.functional.core import accumulation_dtype, apply_scale_shift, scale_shift
-from bnlab.nn.batchnorm import add_missing_batch_count
+from bnlab.nn.base import add_missing_batch_count, check_num_features
 from bnlab.nn.sync import torch_num_dims
 
 
@@ -52,11 +52,12 @@ class FrozenBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        if num_features is None:  # frozen statistics come from a trained layer: C is known
             raise ValueError(
-                f"num_features: expected a positive int (the channel count C), got "
-                f"{num_features!r}."
+                "num_features: expected a positive int (the channel count C), got None; a "
+                "frozen layer cannot infer C. Build it with FrozenBatchNorm.from_batch_norm(bn)."
             )
+        check_num_features(num_features)
         check_eps(eps)
         self.num_features = num_features
         self.eps = eps
