@@ -615,3 +615,17 @@ def test_bad_data_and_results() -> None:
         plot_controversy([{"norm": "bnlab"}], Path("unused"))
     with pytest.raises(TypeError, match=r"nn\.Sequential"):
         weight_layers(nn.Linear(2, 2))
+
+
+def test_a_verdict_warns_when_an_arm_mostly_sat_on_its_plateau() -> None:
+    from bnlab.lab.experiments.controversy import plateau_caveats
+
+    def run(*losses: float | None) -> dict[str, Any]:
+        return {"probes": {"loss": list(losses)}}
+
+    groups = {
+        "no BN": {0: run(2.3, 2.2, 0.5), 1: run(2.3, None, 2.1)},  # 5 of 6 on (None: diverged)
+        "BN": {0: run(2.3, 0.4, 0.3), 1: run(0.5, 0.4, 0.3)},  # 1 of 6 on
+    }
+    caveats = plateau_caveats(groups)
+    assert len(caveats) == 1 and caveats[0].startswith("Caveat: 5 of no BN's 6 probes")

@@ -111,9 +111,28 @@ class Controversy:
             claim(self.name, metric, "BN", [c for c in comps if c.metric == metric])
             for metric in dict.fromkeys(c.metric for c in comps)
         ]
-        return Section(
-            self.name, self.title, self.claim, verdict_sentence(comps), blocks, claims=claims
-        )
+        verdict = " ".join([verdict_sentence(comps), *plateau_caveats(groups)])
+        return Section(self.name, self.title, self.claim, verdict, blocks, claims=claims)
+
+
+def plateau_caveats(groups: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[str]:
+    """A caveat for each arm whose probes mostly found it on its initial plateau: there the
+    landscape is flat because nothing is learned, so its smoothness readings are not those of
+    a network that trains."""
+    from bnlab.lab.controversy.summary import PLATEAU_LOSS
+
+    out = []
+    for arm, runs in groups.items():
+        losses = [v for r in runs.values() for v in r["probes"]["loss"]]
+        on = sum(1 for v in losses if v is None or not v < PLATEAU_LOSS)
+        if losses and 2 * on > len(losses):
+            out.append(
+                f"Caveat: {on} of {arm}'s {len(losses)} probes found it on its initial plateau "
+                f"(batch loss >= 0.9 · ln 10), where the landscape is flat because nothing is "
+                f"learned; its loss-variation and gradient-change comparisons read that plateau, "
+                f"not a smoother landscape of a network that trains."
+            )
+    return out
 
 
 def _mean(values: list[float]) -> float:
