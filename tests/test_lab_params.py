@@ -85,7 +85,6 @@ def test_a_bad_run_in_a_plan_stops_it_before_any_run_starts(
     assert started == []
 
 
-@pytest.mark.skipif(not (FULL_RESULTS / "runs").is_dir(), reason="no committed full-scale records")
 def test_committed_full_scale_records_are_still_planned() -> None:
     store = ResultStore(FULL_RESULTS)
     recorded = {r["key"] for r in store.records()}
