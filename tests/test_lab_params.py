@@ -43,11 +43,13 @@ def test_bad_values_are_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="unknown keys \\['nrom'\\]"):
         TrainParams(config={"nrom": "bnlab"})
     with pytest.raises(ConfigError, match="priors: expected ints >= 0"):
-        ShiftParams(train_key=KEY, config={}, priors=(-1,))
+        ShiftParams(train_key=KEY, config={}, priors=(-1,), tent_lr=1e-3)
     with pytest.raises(ConfigError, match="tent_lr"):
-        ShiftParams(train_key=KEY, config={}, tent_lr=0.0)
+        ShiftParams(train_key=KEY, config={}, priors=(0,), tent_lr=0.0)
     with pytest.raises(ConfigError, match="train_key"):
-        ShiftParams(train_key="abc", config={})
+        ShiftParams(train_key="abc", config={}, priors=(0,), tent_lr=1e-3)
+    with pytest.raises(ConfigError, match=r"shift: missing parameter\(s\) \['priors', 'tent_lr'\]"):
+        task_params("shift", {"train_key": KEY, "config": {}})
     with pytest.raises(ValueError, match="task: expected one of"):
         task_params("trian", {})
 

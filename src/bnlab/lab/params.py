@@ -45,6 +45,17 @@ class TaskParams:
                 f"{cls.task}: unknown parameter(s) {unknown}; {known}. Check the spelling, or "
                 "leave the key out to take its default."
             )
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.name not in params
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ConfigError(
+                f"{cls.task}: missing parameter(s) {missing}; they have no default. Pass them."
+            )
         return cls(**params)
 
 
@@ -84,8 +95,9 @@ class ShiftParams(TaskParams):
     task: ClassVar[str] = "shift"
     train_key: str  # the key of the ``train`` run whose model is evaluated
     config: Mapping[str, Any]  # that run's TrainConfig fields (to retrain it if its files are gone)
-    priors: tuple[int, ...] = (0, 1_000, 10_000)  # adapt_bn's source weight, in examples
-    tent_lr: float = 1e-3  # TENT's Adam rate (the paper's for CIFAR)
+    # the values are the experiment's (bnlab.lab.experiments.shift), which plans every run
+    priors: tuple[int, ...]  # adapt_bn's source weight, in examples (0: the target's alone)
+    tent_lr: float  # TENT's Adam rate
 
     def __post_init__(self) -> None:
         if not (isinstance(self.train_key, str) and len(self.train_key) == 16):
