@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlab.bench import BenchConfig, run_benchmark
+from bnlab.bench import BenchConfig, BenchResult, run_benchmark
 from bnlab.bench.kernels import naive_batch_norm
 from bnlab.bench.timing import time_interleaved
 from bnlab.cli import main
@@ -26,6 +26,7 @@ TINY = BenchConfig(
     lenet_norms=("bnlab", "bnlab_eager", "bnlab_native", "torch", "none"),
     lenet_images=96,
     lenet_rounds=1,
+    train_pairs=0,  # the `bnlab train` runs have tests of their own below
     batch_size=64,
     threads=(1, 2),
     first_step=False,
@@ -280,3 +281,99 @@ def test_paired_ratio_interval_brackets_the_median() -> None:
     assert r.n == 21 and r.median == ratios[10]
     assert (r.low, r.high) == (ratios[5], ratios[15])
     assert r.describe() == f"{ratios[10]:.2f}x [{ratios[5]:.2f}, {ratios[15]:.2f}]"
+
+
+# --- `bnlab train` in pairs of processes
+
+
+def _train_result(bnlab_s: list[float], torch_s: list[float]) -> BenchResult:
+    from bnlab.bench.report import machine_info
+    from bnlab.bench.train import TrainEpochs
+
+    seconds = {"bnlab": bnlab_s, "torch": torch_s}
+    result = BenchResult(machine_info(torch.device("cpu")), {})
+    result.train.append(TrainEpochs(threads=1, epochs=3, subset=None, seconds=seconds))
+    return result
+
+
+@pytest.mark.parametrize(
+    ("ratios", "met"),
+    [
+        ([0.85, 0.88, 0.9, 0.86, 0.91, 0.84, 0.87, 0.89], True),
+        # median 0.90 but one pair in eight at 1.02: the interval (min, max for n = 8) reaches 1
+        ([0.85, 0.88, 0.9, 0.86, 0.91, 0.84, 1.02, 0.9], False),
+        ([0.97, 0.96, 0.98, 0.95, 0.96, 0.97, 0.99, 0.98], False),  # faster, not 0.95x
+    ],
+)
+def test_train_goal_needs_the_median_and_the_interval(ratios: list[float], met: bool) -> None:
+    torch_s = [4.0 + 0.1 * i for i in range(len(ratios))]
+    result = _train_result([r * t for r, t in zip(ratios, torch_s, strict=True)], torch_s)
+    (goal,) = [g for g in result.goals() if g.name.startswith("`bnlab train` epoch")]
+    assert (goal.threads, goal.met) == (1, met)
+    r = sorted(ratios)
+    assert goal.value == f"{(r[3] + r[4]) / 2:.2f}x [{r[0]:.2f}, {r[-1]:.2f}], 8 pairs"
+    table = result.to_markdown()
+    assert "### `bnlab train` epoch (all 60000 training images, fresh processes)" in table
+    assert f"| 1 | {ratios[0] * 4.0:.2f} | 4.00 | {ratios[0]:.3f}x |" in table
+    data = result.to_json()
+    assert data["train"][0]["pairs"] == 8 and data["train"][0]["seconds"]["torch"] == torch_s
+
+
+def test_train_without_data_is_a_goal_not_measured(tmp_path: Path) -> None:
+    missing = tmp_path / "no-data-here"
+    config = dataclasses.replace(
+        TINY, threads=(1,), functions=False, lenet_images=0, train_pairs=1, data_dir=str(missing)
+    )
+    result = run_benchmark(config)
+    assert result.train == [] and result.train_unavailable is not None
+    assert str(missing) in result.train_unavailable
+    (goal,) = [g for g in result.goals() if g.name.startswith("`bnlab train` epoch")]
+    assert not goal.met and goal.value.startswith("not measured: ")
+    assert "`bnlab train` was not (fully) timed: " in result.to_markdown()
+    assert not missing.exists()  # nothing written where the data was looked for
+
+
+def test_train_command_is_what_a_user_types(tmp_path: Path) -> None:
+    import sys
+
+    from bnlab.bench.train import train_command
+
+    cmd = train_command(
+        "torch", tmp_path, threads=2, epochs=3, device="cpu", data_dir="d", subset=None
+    )
+    assert cmd[:3] == [sys.executable, "-m", "bnlab"]
+    assert cmd[3:] == [
+        "train", "--norm", "torch", "--epochs", "3", "--threads", "2", "--device", "cpu",
+        "--no-progress", "--out", str(tmp_path), "--data-dir", "d",
+    ]  # fmt: skip
+
+
+def test_bench_train_checks_its_arguments() -> None:
+    from bnlab.bench.train import bench_train
+
+    with pytest.raises(ValueError, match="epochs >= 2"):
+        bench_train(pairs=1, threads=1, epochs=1)
+    with pytest.raises(ValueError, match="pairs >= 1"):
+        bench_train(pairs=0, threads=1)
+
+
+def test_bench_train_runs_bnlab_train_on_the_real_data(real_data_dir: Path) -> None:
+    """Two real `bnlab train` processes, one per norm, on a small subset: the timed epoch is
+    the second one's seconds from each run's metrics.json."""
+    from bnlab.bench.train import bench_train
+
+    lines: list[str] = []
+    t = bench_train(
+        pairs=1, threads=1, epochs=2, data_dir=str(real_data_dir), subset=512, say=lines.append
+    )
+    assert t.pairs == 1 and set(t.seconds) == {"bnlab", "torch"}
+    assert all(0 < s[0] < 60 for s in t.seconds.values())
+    assert t.ratio().n == 1 and t.ratio().low is None
+    assert lines and lines[0].startswith("1t train pair 1/1: bnlab ")
+
+
+def test_cli_train_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--train-epochs", "1"]) == 2
+    assert "--train-epochs: expected an int >= 2" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--train-pairs", "-1"]) == 2
+    assert "--train-pairs: expected an int >= 0" in capsys.readouterr().err

@@ -7,6 +7,8 @@ Three comparisons, each timed interleaved in one process, for every thread count
 * the functions: every bnlab kernel, the chapter's formula and a memory-traffic floor against
   ``torch.nn.functional.batch_norm`` (:mod:`bnlab.bench.kernels`);
 * one BN-LeNet training epoch per norm layer (:mod:`bnlab.bench.lenet`);
+* ``bnlab train`` itself on the real data, default norm against ``--norm torch``, in pairs of
+  fresh processes (:mod:`bnlab.bench.train`);
 
 and, once, the first training step of a default layer in a fresh process, import included
 (:mod:`bnlab.bench.startup`). The C++ kernel's build is loaded (never compiled) before any
@@ -37,6 +39,7 @@ from bnlab.bench.modules import bench_module
 from bnlab.bench.report import BenchResult, loadavg, machine_info
 from bnlab.bench.startup import first_step
 from bnlab.bench.timing import Clock, clock_function
+from bnlab.bench.train import bench_train
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class BenchConfig:
     lenet_images: int = 60000  # 0 skips the end-to-end epoch
     lenet_rounds: int = 3  # epochs per norm, interleaved
     batch_size: int = 256
+    train_pairs: int = 8  # pairs of `bnlab train` runs on the real data; 0 skips them
+    train_epochs: int = 3  # epochs per run; the first is not timed
+    train_subset: int | None = None  # `bnlab train --subset` (None: all 60000 images)
+    data_dir: str | None = None  # where the runs find Fashion-MNIST (None: as `bnlab train`)
     threads: tuple[int, ...] = (1, 2)  # torch.set_num_threads for each pass of the benchmark
     first_step: bool = True  # time a default layer's first step in a fresh process
     device: str = "cpu"
@@ -63,7 +70,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: object) -> BenchConfig:
         """A smoke run: every shape, few samples, a 4096-image epoch, one thread (the current
-        setting), no torch.compile."""
+        setting), no torch.compile, no `bnlab train` runs."""
         base = cls(
             reps=5,
             warmup=2,
@@ -72,6 +79,7 @@ class BenchConfig:
             lenet_norms=("bnlab", "bnlab_eager", "torch", "none"),
             lenet_images=4096,
             lenet_rounds=1,
+            train_pairs=0,
             threads=(torch.get_num_threads(),),
         )
         return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
@@ -97,6 +105,11 @@ def _check(config: BenchConfig, device: torch.device) -> None:
         raise ValueError(
             f"clock: 'cpu' measures host CPU time, which misses {device.type} work; use "
             "clock='wall' on a GPU."
+        )
+    if config.train_pairs < 0 or config.train_epochs < 2:
+        raise ValueError(
+            f"train_pairs, train_epochs: expected >= 0 and >= 2 (the first epoch is not timed), "
+            f"got {config.train_pairs} and {config.train_epochs}."
         )
     unknown = [n for n in config.lenet_norms if n not in NORMS]
     if unknown:
@@ -136,6 +149,7 @@ def _run(
         "seed": config.seed,
         "clock": config.clock,
     }
+    train_data = config.train_pairs > 0 and _train_data(config, result)
     if config.first_step and device.type == "cpu":
         result.first_step = first_step()
         say(f"first step in a fresh process: {result.first_step.describe()}")
@@ -173,6 +187,35 @@ def _run(
             ):
                 result.lenet.append(e)
                 say(f"{threads}t epoch {e.norm:14} {e.median_s:.2f}s (rounds: {e.seconds})")
+        if train_data:
+            try:
+                result.train.append(
+                    bench_train(
+                        pairs=config.train_pairs,
+                        threads=threads,
+                        epochs=config.train_epochs,
+                        device=config.device,
+                        data_dir=config.data_dir,
+                        subset=config.train_subset,
+                        say=say,
+                    )
+                )
+            except RuntimeError as e:  # a run failed: keep what was measured, say why
+                result.train_unavailable = str(e)
+                train_data = False
+
+
+def _train_data(config: BenchConfig, result: BenchResult) -> bool:
+    """Whether the `bnlab train` runs find Fashion-MNIST; loads it (downloading it to the cache
+    as `bnlab train` would) before any run is timed, else records why not."""
+    from bnlab.data import DataError, load_fashion_mnist
+
+    try:
+        load_fashion_mnist(config.data_dir, progress=False)
+    except DataError as e:
+        result.train_unavailable = str(e)
+        return False
+    return True
 
 
 def _line(what: str, k: KernelResult) -> str:

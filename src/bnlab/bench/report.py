@@ -15,6 +15,8 @@ from bnlab._machine import cpu_model
 from bnlab.bench.kernels import BASELINE, LARGE_SHAPES, LENET_SHAPES, KernelResult, NativeStatus
 from bnlab.bench.lenet import EpochResult
 from bnlab.bench.startup import FirstStep
+from bnlab.bench.timing import Ratio
+from bnlab.bench.train import TrainEpochs
 
 TRAIN_NAMES = (
     "native",
@@ -33,6 +35,7 @@ DEFAULT_LAYER = "bnlab"  # bnlab.nn.BatchNorm(C) with its default kernel
 LAYER_TARGET = 1.0  # layer training and eval, every case, as a ratio to torch's layer
 LENET_MEAN_TARGET = 0.6  # layer training, geometric mean over the LeNet's four shapes
 EPOCH_TARGET = 0.95  # BN-LeNet epoch with the default layer, ratio to torch's BN
+TRAIN_TARGET = 0.95  # `bnlab train` epoch, default norm, ratio to `--norm torch`
 FLOOR_TARGET = 3.0  # the native function on the large shapes, ratio to the traffic floor
 FIRST_STEP_TARGET_S = 2.0  # a fresh process's first step, import included
 
@@ -72,6 +75,12 @@ class Goal:
     met: bool
 
 
+def _faster(r: Ratio, target: float) -> bool:
+    """A paired-ratio goal is met when the median is at most ``target`` and, where n allows an
+    interval, the interval lies below 1 (faster than torch, not within the noise)."""
+    return r.median <= target and (r.high is None or r.high < 1.0)
+
+
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -89,10 +98,12 @@ class BenchResult:
     lenet: list[EpochResult] = field(default_factory=list)
     native: NativeStatus | None = None
     first_step: FirstStep | None = None
+    train: list[TrainEpochs] = field(default_factory=list)  # `bnlab train` runs, per thread count
+    train_unavailable: str | None = None  # why `bnlab train` was not (fully) timed
 
     def thread_counts(self) -> list[int]:
         seen = [k.threads for k in (*self.modules, *self.kernels)] + [e.threads for e in self.lenet]
-        return sorted(set(seen))
+        return sorted(set(seen + [t.threads for t in self.train]))
 
     # ------------------------------------------------------------------ goals
 
@@ -122,9 +133,32 @@ class BenchResult:
                     not f.compiled and f.seconds <= FIRST_STEP_TARGET_S,
                 )
             )
+        if self.train_unavailable is not None:
+            goals.append(
+                Goal(
+                    "`bnlab train` epoch, default norm vs `--norm torch` (real data)",
+                    None,
+                    f"<= {TRAIN_TARGET:g}x",
+                    f"not measured: {self.train_unavailable.splitlines()[0]}",
+                    False,
+                )
+            )
         for n in self.thread_counts():
-            goals += self._layer_goals(n) + self._function_goals(n)
+            goals += self._layer_goals(n) + self._function_goals(n) + self._train_goals(n)
         return goals
+
+    def _train_goals(self, n: int) -> list[Goal]:
+        return [
+            Goal(
+                "`bnlab train` epoch, default norm vs `--norm torch` (real data)",
+                n,
+                f"<= {TRAIN_TARGET:g}x",
+                t.ratio().describe() + ("" if t.ratio().low is None else f", {t.pairs} pairs"),
+                _faster(t.ratio(), TRAIN_TARGET),
+            )
+            for t in self.train
+            if t.threads == n
+        ]
 
     def _layer_goals(self, n: int) -> list[Goal]:
         goals: list[Goal] = []
@@ -141,7 +175,7 @@ class BenchResult:
                     n,
                     f"<= {LAYER_TARGET:g}x torch's layer",
                     f"worst {r.describe()} ({_case(worst)})",
-                    r.median <= LAYER_TARGET,
+                    _faster(r, LAYER_TARGET),
                 )
             )
         lenet = [
@@ -245,6 +279,10 @@ class BenchResult:
                 }
                 for e in self.lenet
             ],
+            "train": [
+                {**asdict(t), "ratio": asdict(t.ratio()), "pairs": t.pairs} for t in self.train
+            ],
+            "train_unavailable": self.train_unavailable,
             "goals": [asdict(g) for g in self.goals()],
         }
 
@@ -334,6 +372,9 @@ class BenchResult:
                         f"| {e.norm} | {e.median_s:.2f} | {ratio} | {len(e.seconds)} | "
                         f"{e.warmup_s:.1f} |"
                     )
+            lines += self._train_lines(n)
+        if self.train_unavailable is not None:
+            lines += ["", f"`bnlab train` was not (fully) timed: {self.train_unavailable}"]
         lines += [
             "",
             "## Goals",
@@ -347,6 +388,27 @@ class BenchResult:
                 f"| {g.name} | {threads} | {g.target} | {g.value} | {'yes' if g.met else 'no'} |"
             )
         return "\n".join(lines) + "\n"
+
+    def _train_lines(self, n: int) -> list[str]:
+        lines: list[str] = []
+        for t in (t for t in self.train if t.threads == n):
+            images = "all 60000" if t.subset is None else f"the first {t.subset}"
+            lines += [
+                "",
+                f"### `bnlab train` epoch ({images} training images, fresh processes)",
+                "",
+                f"`bnlab train --epochs {t.epochs} --threads {n}` with the default norm and with "
+                f"`--norm torch`, in {t.pairs} pairs of runs, the order swapped from pair to "
+                "pair; a run's time is the median of its epochs after the first (training pass "
+                f"only, from metrics.json). bnlab / torch: {t.ratio().describe()} (median of the "
+                "pairs' ratios [sign-test 95% interval]).",
+                "",
+                "| pair | bnlab s | torch s | ratio |",
+                "|---|---|---|---|",
+            ]
+            for i, (a, b) in enumerate(zip(t.seconds["bnlab"], t.seconds["torch"], strict=True)):
+                lines.append(f"| {i + 1} | {a:.2f} | {b:.2f} | {a / b:.3f}x |")
+        return lines
 
 
 def _table(

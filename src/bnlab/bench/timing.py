@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,9 +57,17 @@ def median_ci_ranks(n: int, level: float = 0.95) -> tuple[int, int] | None:
 
 def paired_ratio(a: Timing, b: Timing) -> Ratio:
     """a / b over the rounds both were sampled in (see :class:`Ratio`)."""
-    ratios = sorted(x / y for x, y in zip(a.values, b.values, strict=True) if y > 0)
-    if not ratios:
+    if not any(y > 0 for y in b.values):
         return Ratio(a.median_s / b.median_s, None, None, 0)
+    return median_ratio(a.values, b.values)
+
+
+def median_ratio(a: Sequence[float], b: Sequence[float]) -> Ratio:
+    """The median of the paired ratios a[i] / b[i] (pairs with b[i] > 0) and its sign-test 95%
+    interval."""
+    ratios = sorted(x / y for x, y in zip(a, b, strict=True) if y > 0)
+    if not ratios:
+        raise ValueError(f"expected paired positive times, got {list(a)} and {list(b)}.")
     ranks = median_ci_ranks(len(ratios))
     med = statistics.median(ratios)
     if ranks is None:

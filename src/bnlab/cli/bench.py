@@ -3,8 +3,10 @@
 Every contender runs on the same tensors in one process, interleaved, for each thread count:
 first the layers as users build them (bnlab.nn.BatchNorm(C), with its default kernel, against
 torch.nn.BatchNorm1d/2d), then the functions (every bnlab kernel against
-torch.nn.functional.batch_norm), then one BN-LeNet training epoch per norm layer; then a fresh
-process's first training step, and the performance goals met or not. See docs/speed.md.
+torch.nn.functional.batch_norm), then one BN-LeNet training epoch per norm layer, then `bnlab
+train` itself on the real Fashion-MNIST (the default norm against --norm torch, in pairs of fresh
+processes); then a fresh process's first training step, and the performance goals met or not.
+See docs/speed.md.
 
 The default kernel (impl="auto") is the C++ kernel on the CPU where `bnlab build` has built it.
 Its build is loaded once before any timing, never compiled; the table states how long loading
@@ -14,7 +16,8 @@ examples:
   bnlab bench                          # the full benchmark, 1 and 2 threads (about 20 minutes
                                        # on 2 cores)
   bnlab bench --quick                  # a smoke run: few samples, a small epoch, no compile
-                                       # (torch.compile), the current thread count
+                                       # (torch.compile), no `bnlab train` runs, the current
+                                       # thread count
   bnlab bench --threads 1 --no-functions --no-lenet   # only the layers, one thread
   bnlab bench --out results/bench      # also write results/bench/bench.md and bench.json
   bnlab bench --no-native              # no impl="native" column in the function tables
@@ -79,6 +82,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "large conv shapes of docs/speed.md)",
     )
     parser.add_argument("--no-lenet", action="store_true", help="skip the BN-LeNet epochs")
+    parser.add_argument(
+        "--train-pairs",
+        type=int,
+        metavar="N",
+        help="pairs of `bnlab train` runs (default norm, then --norm torch) on the real data per "
+        "thread count; 0 skips them (default: 8; --quick: 0)",
+    )
+    parser.add_argument(
+        "--train-epochs",
+        type=int,
+        metavar="N",
+        help="epochs per `bnlab train` run, the first untimed (default: 3)",
+    )
+    parser.add_argument(
+        "--train-subset",
+        type=int,
+        metavar="N",
+        help="train each `bnlab train` run on the first N images (default: all 60000)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the `bnlab train` runs find Fashion-MNIST (default: as `bnlab train`: "
+        "$BNLAB_DATA_DIR, else the user cache, downloading it there once)",
+    )
     parser.add_argument("--lenet-images", type=int, help="images per BN-LeNet epoch")
     parser.add_argument("--lenet-rounds", type=int, help="epochs per norm layer")
     parser.add_argument(
@@ -133,12 +161,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         ("--reps", "reps", 1),
         ("--lenet-rounds", "lenet_rounds", 1),
         ("--lenet-images", "lenet_images", 2),
+        ("--train-pairs", "train_pairs", 0),
+        ("--train-epochs", "train_epochs", 2),
+        ("--train-subset", "train_subset", 2),
     ):
         value = getattr(args, name)
         if value is not None:
             if value < minimum:
                 raise ValueError(f"{flag}: expected an int >= {minimum}, got {value}.")
             changes[name] = value
+    if args.data_dir is not None:
+        changes["data_dir"] = args.data_dir
     if args.compile is not None:
         changes["compiled"] = args.compile
     if args.native is not None:
