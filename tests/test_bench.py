@@ -90,7 +90,6 @@ def test_tiny_run_has_every_case_and_contender() -> None:
     per_thread = [
         "layer training fwd+bwd, default BatchNorm, every case",
         "layer eval, default BatchNorm, every case",
-        "BN-LeNet epoch, default BatchNorm",
         "function training fwd+bwd, native, every case",
         "function eval, native, every case",
     ]

@@ -34,8 +34,9 @@ DEFAULT_LAYER = "bnlab"  # bnlab.nn.BatchNorm(C) with its default kernel
 # the goals of the issue the default was built for (docs/speed.md)
 LAYER_TARGET = 1.0  # layer training and eval, every case, as a ratio to torch's layer
 LENET_MEAN_TARGET = 0.6  # layer training, geometric mean over the LeNet's four shapes
-EPOCH_TARGET = 0.95  # BN-LeNet epoch with the default layer, ratio to torch's BN
-TRAIN_TARGET = 0.95  # `bnlab train` epoch, default norm, ratio to `--norm torch`
+# `bnlab train` epoch, default norm, ratio to `--norm torch`. The in-process BN-LeNet epoch is
+# shown, not checked: a few rounds in one process carry that process's speed (bench/train.py).
+TRAIN_TARGET = 0.95
 FLOOR_TARGET = 3.0  # the native function on the large shapes, ratio to the traffic floor
 FIRST_STEP_TARGET_S = 2.0  # a fresh process's first step, import included
 
@@ -193,21 +194,6 @@ class BenchResult:
                     gm <= LENET_MEAN_TARGET,
                 )
             )
-        epochs = {e.norm: e for e in self.lenet if e.threads == n}
-        if DEFAULT_LAYER in epochs and "torch" in epochs:
-            mine, base = epochs[DEFAULT_LAYER], epochs["torch"]
-            epoch = mine.median_s / base.median_s
-            rounds = sorted(a / b for a, b in zip(mine.seconds, base.seconds, strict=True))
-            spread = f" (rounds {rounds[0]:.3f}–{rounds[-1]:.3f}x)" if len(rounds) > 1 else ""
-            goals.append(
-                Goal(
-                    "BN-LeNet epoch, default BatchNorm",
-                    n,
-                    f"<= {EPOCH_TARGET:g}x torch's BN",
-                    f"{epoch:.3f}x{spread}",
-                    epoch <= EPOCH_TARGET,
-                )
-            )
         return goals
 
     def _function_goals(self, n: int) -> list[Goal]:
@@ -361,7 +347,11 @@ class BenchResult:
                 lines += [
                     "",
                     f"### BN-LeNet training epoch ({epochs[0].images} images, batch "
-                    f"{self.config.get('batch_size', 256)})",
+                    f"{self.config.get('batch_size', 256)}, random data, one process)",
+                    "",
+                    "Every norm's model in this process, its epochs interleaved: where the time "
+                    "goes, not a goal (a few rounds in one process carry that process's speed; "
+                    "the goal is `bnlab train`'s, over pairs of fresh processes).",
                     "",
                     "| norm | median s | ratio to torch | rounds | untimed warm-up s |",
                     "|---|---|---|---|---|",
