@@ -13,15 +13,17 @@ Its build is loaded once before any timing, never compiled; the table states how
 took, or why the kernel is unavailable.
 
 examples:
-  bnlab bench                          # the full benchmark, 1 and 2 threads (about 20 minutes
-                                       # on 2 cores)
+  bnlab bench                          # the full benchmark, 1 and 2 threads (about 30 minutes
+                                       # on 2 cores, 8 of them the `bnlab train` pairs)
   bnlab bench --quick                  # a smoke run: few samples, a small epoch, no compile
                                        # (torch.compile), no `bnlab train` runs, the current
                                        # thread count
-  bnlab bench --threads 1 --no-functions --no-lenet   # only the layers, one thread
+  bnlab bench --threads 1 --no-functions --no-lenet --train-pairs 0   # only the layers, 1 thread
+  bnlab bench --no-functions --no-lenet --train-pairs 10   # the layers, and `bnlab train` in
+                                       # 10 pairs of runs per thread count
   bnlab bench --out results/bench      # also write results/bench/bench.md and bench.json
   bnlab bench --no-native              # no impl="native" column in the function tables
-  bnlab bench --device cuda --no-lenet
+  bnlab bench --device cuda --no-lenet --train-pairs 0
 """
 
 from __future__ import annotations
