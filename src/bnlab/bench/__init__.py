@@ -57,7 +57,7 @@ class BenchConfig:
     lenet_images: int = 60000  # 0 skips the end-to-end epoch
     lenet_rounds: int = 3  # epochs per norm, interleaved
     batch_size: int = 256
-    train_pairs: int = 8  # pairs of `bnlab train` runs on the real data; 0 skips them
+    train_pairs: int = 10  # pairs of `bnlab train` runs on the real data; 0 skips them
     train_epochs: int = 3  # epochs per run; the first is not timed
     train_subset: int | None = None  # `bnlab train --subset` (None: all 60000 images)
     data_dir: str | None = None  # where the runs find Fashion-MNIST (None: as `bnlab train`)

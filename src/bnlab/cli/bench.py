@@ -14,7 +14,7 @@ took, or why the kernel is unavailable.
 
 examples:
   bnlab bench                          # the full benchmark, 1 and 2 threads (about 30 minutes
-                                       # on 2 cores, 8 of them the `bnlab train` pairs)
+                                       # on 2 cores, 10 of them the `bnlab train` pairs)
   bnlab bench --quick                  # a smoke run: few samples, a small epoch, no compile
                                        # (torch.compile), no `bnlab train` runs, the current
                                        # thread count
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="pairs of `bnlab train` runs (default norm, then --norm torch) on the real data per "
-        "thread count; 0 skips them (default: 8; --quick: 0)",
+        "thread count; 0 skips them (default: 10; --quick: 0)",
     )
     parser.add_argument(
         "--train-epochs",
