@@ -4,6 +4,7 @@ the concatenated data (float64), re-batching invariance, and restoration on fail
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Iterator
 
@@ -307,8 +308,62 @@ def test_other_training_dependent_modules_are_named() -> None:
         nn.BatchNorm2d(2),
         nn.InstanceNorm2d(2),  # no running statistics: same in both modes
     )
-    with pytest.warns(RuntimeWarning, match=r"1 \(InstanceNorm2d\), 2 \(RReLU\) are in training"):
+    with pytest.warns(RuntimeWarning) as caught:
         precise_bn(model, [torch.randn(4, 1, 3, 3)])
+    messages = [str(w.message) for w in caught]
+    assert any("1 (InstanceNorm2d), 2 (RReLU) are in training" in m for m in messages)
+    # its running statistics are not among those precise_bn recomputes, and it says so
+    assert any("1 (InstanceNorm2d) keeps its moving averages" in m for m in messages)
+
+
+def _buffers(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_norms_it_does_not_recompute_are_named_and_left_alone() -> None:
+    """Whitening and PIT layers keep running statistics of their own (a covariance, quantiles),
+    which precise_bn does not recompute: it says so rather than let them pass for precise."""
+    from bnlab.nn.registry import make_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 1), BatchNorm(4), nn.Conv2d(4, 4, 1), make_norm("iternorm", 4, kind="conv")
+    ).eval()
+    before = _buffers(model[3])
+    x = torch.randn(32, 1, 3, 3) * 3 + 1
+    with pytest.warns(RuntimeWarning, match=r"^precise_bn: 3 \(IterNorm\) keeps its moving "):
+        precise_bn(model, x.split(8))
+    assert all(torch.equal(v, before[k]) for k, v in model[3].state_dict().items())
+    want = direct_stats(model[0](x).detach())[0]
+    torch.testing.assert_close(model[1].running_mean, want.to(torch.float32))
+    model[3].train()  # now it would update its own statistics during the passes
+    with pytest.warns(RuntimeWarning) as caught:
+        precise_bn(model, x.split(8))
+    assert any("3 (IterNorm) is in training mode" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("norm", ["whitening", "pit"])
+def test_a_model_without_bn_says_nothing_changed(norm: str) -> None:
+    from bnlab.nn.registry import make_norm
+    from bnlab.tools import adapt_bn
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), make_norm(norm, 4, kind="conv")).eval()
+    before = _buffers(model)
+    for fn in (precise_bn, functools.partial(adapt_bn, prior=0)):
+        name = getattr(fn, "func", fn).__name__
+        said = rf"^{name}: Sequential has no BatchNorm .* nothing was changed\. 1 \(\w+\) "
+        with pytest.warns(RuntimeWarning, match=said + "keeps its moving averages"):
+            fn(model, [torch.randn(8, 1, 3, 3)])
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.warns(RuntimeWarning, match=r"has no BatchNorm .* nothing was changed\.$"):
+        precise_bn(nn.Linear(2, 2), [torch.randn(4, 2)])
+
+
+def test_a_bn_only_model_warns_nothing() -> None:
+    model = make_model().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precise_bn(model, [data()])
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

@@ -115,7 +115,13 @@ def adapt_bn(
     ]
     try:
         return _precise(
-            model, batches, num_batches=num_batches, mode="eval", process_group=None, store=mix
+            model,
+            batches,
+            num_batches=num_batches,
+            mode="eval",
+            process_group=None,
+            store=mix,
+            caller="adapt_bn",
         )
     finally:
         for hook in hooks:

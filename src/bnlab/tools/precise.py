@@ -211,7 +211,10 @@ def precise_bn(
     Args:
         model: calls ``model(x)`` for each batch. BNs are :class:`bnlab.nn.BatchNorm` and
             ``torch.nn.BatchNorm*d`` with running statistics; others (and
-            :class:`bnlab.tools.FrozenBatchNorm`) are left alone. Only the BNs' mode is
+            :class:`bnlab.tools.FrozenBatchNorm`) are left alone, and a warning names the
+            norms among them that keep running statistics of their own (whitening, PIT,
+            InstanceNorm with ``track_running_stats``), or says that the model has no BN and
+            nothing changed. Only the BNs' mode is
             changed: put the rest in the mode you want first (``model.eval()`` turns dropout
             off, usually what you want; a module that behaves differently in training, such
             as dropout, left in training mode gets a warning).
@@ -253,6 +256,7 @@ def precise_bn(
         mode=mode,
         process_group=process_group,
         store=_store,
+        caller="precise_bn",
     )
 
 
@@ -267,18 +271,21 @@ def _precise(
     mode: Mode,
     process_group: ProcessGroup,
     store: StoreFn,
+    caller: str,
 ) -> ModuleT:
     """precise_bn with the step that writes each BN's measured statistics given as ``store``
-    (precise_bn's own sets the running statistics to them)."""
+    (precise_bn's own sets the running statistics to them); ``caller`` names the public
+    function in warnings."""
     check_module(model)
     _check_args(batches, num_batches, mode)
     group = _merge_group(process_group)
     bns = [(name, bn) for name, bn in find_batch_norms(model) if has_running_stats(bn)]
     for name, bn in bns:
         check_materialized(bn, name)
+    _warn_other_norms(model, caller, found_bn=bool(bns))
     if not bns:
         return model
-    _warn_training_modules(model)
+    _warn_training_modules(model, caller)
     flags = [(bn, bn.training) for _, bn in bns]
     buffers = [
         t
@@ -328,10 +335,48 @@ def _behaves_differently_in_training(module: nn.Module) -> bool:
     changes besides the BNs."""
     if isinstance(module, nn.modules.dropout._DropoutNd | nn.RReLU):
         return True
-    return bool(getattr(module, "track_running_stats", False)) and has_running_stats(module)
+    return _keeps_running_stats(module)
 
 
-def _warn_training_modules(model: nn.Module) -> None:
+def _keeps_running_stats(module: nn.Module) -> bool:
+    """A norm that tracks running statistics of any kind: a BN's mean and variance, or the
+    buffers a bnlab norm names in ``running_stats`` (a whitening matrix, quantiles)."""
+    if not getattr(module, "track_running_stats", False):
+        return False
+    names = getattr(module, "running_stats", None)
+    if not isinstance(names, tuple):
+        return has_running_stats(module)
+    return any(getattr(module, name, None) is not None for name in names)
+
+
+def _warn_other_norms(model: nn.Module, caller: str, *, found_bn: bool) -> None:
+    """Say what is left as it was: norms that keep running statistics but are not BNs (the
+    whitening and PIT layers, InstanceNorm with track_running_stats), and, when the model has
+    no BN with running statistics at all, that nothing changes."""
+    others = [
+        f"{name or 'model'} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if not is_batch_norm(m) and _keeps_running_stats(m)
+    ]
+    kept = (
+        f" {', '.join(others)} {'keeps its' if len(others) == 1 else 'keep their'} moving "
+        f"averages: {caller} recomputes BatchNorm layers only."
+        if others
+        else ""
+    )
+    if not found_bn:
+        warnings.warn(
+            f"{caller}: {type(model).__name__} has no BatchNorm with running statistics "
+            "(bnlab.nn.BatchNorm or torch.nn.BatchNorm*d with track_running_stats=True), so "
+            f"nothing was changed.{kept}",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of the public function
+        )
+    elif others:
+        warnings.warn(f"{caller}:{kept}", RuntimeWarning, stacklevel=4)
+
+
+def _warn_training_modules(model: nn.Module, caller: str) -> None:
     found = [
         f"{name or 'model'} ({type(m).__name__})"
         for name, m in model.named_modules()
@@ -340,11 +385,11 @@ def _warn_training_modules(model: nn.Module) -> None:
     if found:
         one = len(found) == 1
         warnings.warn(
-            f"precise_bn: {', '.join(found)} {'is' if one else 'are'} in training mode, where "
+            f"{caller}: {', '.join(found)} {'is' if one else 'are'} in training mode, where "
             f"{'it behaves' if one else 'they behave'} differently than in prediction (dropout "
             "drops values, a norm with running statistics uses and updates batch statistics), "
             "so the BN statistics measured now are not those the prediction network sees. Call "
-            "model.eval() first; precise_bn sets the BNs' own mode itself.",
+            f"model.eval() first; {caller} sets the BNs' own mode itself.",
             RuntimeWarning,
             stacklevel=4,  # the caller of precise_bn
         )
