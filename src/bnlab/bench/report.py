@@ -149,17 +149,19 @@ class BenchResult:
         return goals
 
     def _train_goals(self, n: int) -> list[Goal]:
-        return [
-            Goal(
-                "`bnlab train` epoch, default norm vs `--norm torch` (real data)",
-                n,
-                f"<= {TRAIN_TARGET:g}x",
-                t.ratio().describe() + ("" if t.ratio().low is None else f", {t.pairs} pairs"),
-                _faster(t.ratio(), TRAIN_TARGET),
+        goals: list[Goal] = []
+        for t in (t for t in self.train if t.threads == n):
+            r = t.ratio()
+            goals.append(
+                Goal(
+                    "`bnlab train` epoch, default norm vs `--norm torch` (real data)",
+                    n,
+                    f"<= {TRAIN_TARGET:g}x",
+                    r.describe() + ("" if r.low is None else f", {t.pairs} pairs"),
+                    _faster(r, TRAIN_TARGET),
+                )
             )
-            for t in self.train
-            if t.threads == n
-        ]
+        return goals
 
     def _layer_goals(self, n: int) -> list[Goal]:
         goals: list[Goal] = []

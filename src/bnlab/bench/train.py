@@ -16,6 +16,7 @@ of one.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,14 +70,15 @@ def train_command(
 
 def _epoch_seconds(cmd: list[str], out: Path) -> float:
     """Run ``cmd`` and return the median of its timed epochs (metrics.json's ``seconds``)."""
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"`{' '.join(cmd)}` did not finish in {RUN_TIMEOUT_S} s.") from None
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"`{' '.join(cmd)}` failed with exit status {done.returncode}:\n{tail}")
     history = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["history"]
-    timed = sorted(row["seconds"] for row in history[1:])
-    mid = len(timed) // 2
-    return timed[mid] if len(timed) % 2 else 0.5 * (timed[mid - 1] + timed[mid])
+    return statistics.median(row["seconds"] for row in history[1:])
 
 
 def bench_train(
