@@ -376,3 +376,29 @@ def test_cli_train_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--train-epochs: expected an int >= 2" in capsys.readouterr().err
     assert main(["bench", "--quick", "--train-pairs", "-1"]) == 2
     assert "--train-pairs: expected an int >= 0" in capsys.readouterr().err
+
+
+def test_a_failed_train_run_is_reported_with_its_error(tmp_path: Path) -> None:
+    from bnlab.bench.train import bench_train
+
+    missing = tmp_path / "no-data-here"
+    with pytest.raises(RuntimeError, match=r"failed with exit status 2:\n.*no-data-here"):
+        bench_train(pairs=1, threads=1, epochs=2, data_dir=str(missing))
+
+
+def test_the_benchmark_keeps_its_results_when_a_train_run_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bnlab.bench as bench
+
+    def failing(**kwargs: object) -> None:
+        raise RuntimeError("`bnlab train` failed with exit status 1:\nboom")
+
+    monkeypatch.setattr(bench, "bench_train", failing)
+    monkeypatch.setattr(bench, "_train_data", lambda config, result: True)
+    config = dataclasses.replace(TINY, threads=(1,), functions=False, lenet_images=0, train_pairs=1)
+    result = run_benchmark(config)
+    assert result.modules and result.train == []  # the layers measured before are kept
+    assert result.train_unavailable == "`bnlab train` failed with exit status 1:\nboom"
+    (goal,) = [g for g in result.goals() if g.name.startswith("`bnlab train` epoch")]
+    assert goal.value == "not measured: `bnlab train` failed with exit status 1:" and not goal.met
