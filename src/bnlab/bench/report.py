@@ -37,6 +37,7 @@ LENET_MEAN_TARGET = 0.6  # layer training, geometric mean over the LeNet's four 
 # `bnlab train` epoch, default norm, ratio to `--norm torch`. The in-process BN-LeNet epoch is
 # shown, not checked: a few rounds in one process carry that process's speed (bench/train.py).
 TRAIN_TARGET = 0.95
+TRAIN_GOAL = "`bnlab train` epoch, default norm vs `--norm torch` (real data)"
 FLOOR_TARGET = 3.0  # the native function on the large shapes, ratio to the traffic floor
 FIRST_STEP_TARGET_S = 2.0  # a fresh process's first step, import included
 
@@ -137,7 +138,7 @@ class BenchResult:
         if self.train_unavailable is not None:
             goals.append(
                 Goal(
-                    "`bnlab train` epoch, default norm vs `--norm torch` (real data)",
+                    TRAIN_GOAL,
                     None,
                     f"<= {TRAIN_TARGET:g}x",
                     f"not measured: {self.train_unavailable.splitlines()[0]}",
@@ -154,7 +155,7 @@ class BenchResult:
             r = t.ratio()
             goals.append(
                 Goal(
-                    "`bnlab train` epoch, default norm vs `--norm torch` (real data)",
+                    TRAIN_GOAL,
                     n,
                     f"<= {TRAIN_TARGET:g}x",
                     r.describe() + ("" if r.low is None else f", {t.pairs} pairs"),

@@ -91,9 +91,9 @@ def bench_train(
     subset: int | None = None,
     say: Callable[[str], None] = lambda line: None,
 ) -> TrainEpochs:
-    """Time ``pairs`` pairs of runs (see the module docstring). The data must already be where
-    ``bnlab train`` looks (``data_dir``, else ``$BNLAB_DATA_DIR`` or the cache): a run does not
-    download it while being timed only because the caller loaded it first."""
+    """Time ``pairs`` pairs of runs (see the module docstring). Each run finds the data where
+    ``bnlab train`` looks (``data_dir``, else ``$BNLAB_DATA_DIR`` or the cache); the benchmark
+    loads it once first, so that a missing dataset fails before any run and is downloaded once."""
     if pairs < 1 or epochs < 2 or threads < 1:
         raise ValueError(
             f"expected pairs >= 1, epochs >= 2 (the first epoch is not timed) and threads >= 1, "

@@ -13,8 +13,8 @@ Its build is loaded once before any timing, never compiled; the table states how
 took, or why the kernel is unavailable.
 
 examples:
-  bnlab bench                          # the full benchmark, 1 and 2 threads (about 30 minutes
-                                       # on 2 cores, 10 of them the `bnlab train` pairs)
+  bnlab bench                          # the full benchmark, 1 and 2 threads (about 20 minutes
+                                       # on 2 cores, plus about 10 for the `bnlab train` pairs)
   bnlab bench --quick                  # a smoke run: few samples, a small epoch, no compile
                                        # (torch.compile), no `bnlab train` runs, the current
                                        # thread count

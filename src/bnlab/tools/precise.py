@@ -360,7 +360,7 @@ def _warn_other_norms(model: nn.Module, caller: str, *, found_bn: bool) -> None:
     ]
     kept = (
         f" {', '.join(others)} {'keeps its' if len(others) == 1 else 'keep their'} moving "
-        f"averages: {caller} recomputes BatchNorm layers only."
+        f"averages: {caller} acts on BatchNorm layers only."
         if others
         else ""
     )
